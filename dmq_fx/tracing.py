@@ -1,0 +1,363 @@
+"""Tracing diffusers UNets into module-level FX graphs.
+
+``torch.fx.symbolic_trace`` cannot trace diffusers UNets: their forwards branch in Python on
+shapes, dtypes and ``torch.is_tensor``. :class:`ValueTracer` gives every proxy the concrete value
+the example inputs produce, so Python control flow is decided on the example (and specialised),
+while tensor ops and shape arithmetic are still recorded as graph nodes. Branches that depend on
+something other than the batch size are protected by an input check in the graph: a call with
+another spatial size or dtype raises :class:`InputMismatchError` instead of answering wrongly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import math
+import operator
+import os
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch.fx import _symbolic_trace
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from . import graph_ops
+from .errors import InputMismatchError, TraceError
+
+__all__ = ["ValueTracer", "trace", "TIMESTEP_ARG_NAMES"]
+
+#: forward() parameter names treated as the diffusion timestep.
+TIMESTEP_ARG_NAMES = ("timestep", "timesteps")
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_FX_DIR = os.path.dirname(fx.__file__)
+_OWN_DIR = os.path.dirname(__file__)
+
+
+@contextlib.contextmanager
+def _unpatched_module_calls():
+    """Lift fx's patches of ``Module.__call__`` / ``__getattr__`` to run a leaf module for real."""
+    patched_call, patched_getattr = torch.nn.Module.__call__, torch.nn.Module.__getattr__
+    torch.nn.Module.__call__ = _symbolic_trace._orig_module_call
+    torch.nn.Module.__getattr__ = _symbolic_trace._orig_module_getattr
+    try:
+        yield
+    finally:
+        torch.nn.Module.__call__, torch.nn.Module.__getattr__ = patched_call, patched_getattr
+
+
+def _concrete(arg: Any) -> Any:
+    return map_aggregate(arg, lambda a: a.value if isinstance(a, fx.Proxy) else a)
+
+
+class _ValueProxy(fx.Proxy):
+    """An FX proxy that also carries the concrete value its node computes on the example."""
+
+    def __init__(self, node: fx.Node, tracer: ValueTracer, value: Any = None):
+        super().__init__(node, tracer)
+        self.value = value
+
+    def __getattr__(self, name: str) -> _ValueAttribute:
+        return _ValueAttribute(self, name)
+
+    def __len__(self) -> int:
+        if isinstance(self.value, torch.Tensor):
+            raise TraceError(
+                f"len() of the tensor '{self.node.name}' would fix its first dimension (usually "
+                f"the batch size) in the graph; use tensor.shape[0] instead"
+            )
+        return len(self.value)
+
+    def __iter__(self):
+        if isinstance(self.value, torch.Tensor):
+            raise TraceError(
+                f"iterating over the tensor '{self.node.name}' would fix its first dimension "
+                f"(usually the batch size) in the graph; use tensor.unbind() instead"
+            )
+        return iter([self[i] for i in range(len(self.value))])
+
+    def __index__(self) -> int:
+        return operator.index(self.value)
+
+    def __int__(self) -> int:
+        return int(self.value)
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+
+class _ValueAttribute(fx.proxy.Attribute, _ValueProxy):
+    """``proxy.attr``: a lazily created getattr node whose value is ``getattr(value, attr)``."""
+
+    def __init__(self, root: _ValueProxy, attr: str):
+        fx.proxy.Attribute.__init__(self, root, attr)
+
+    @property
+    def value(self) -> Any:
+        return getattr(self.root.value, self.attr)
+
+
+class ValueTracer(fx.Tracer):
+    """An FX tracer whose proxies carry the concrete values of the example inputs.
+
+    Leaf modules are those of ``torch.nn`` (as in ``torch.fx``), so every Conv2d, Linear, GroupNorm
+    and LayerNorm becomes a ``call_module`` node named after its qualified name, while diffusers
+    blocks, attention processors and resamplers are traced through.
+    """
+
+    def __init__(self, example_values: Mapping[str, Any]):
+        super().__init__(autowrap_modules=(math,))
+        self._example_values = dict(example_values)
+        self.failed_module: str | None = None
+
+    # -- values ---------------------------------------------------------------------------------
+    def proxy(self, node: fx.Node) -> _ValueProxy:
+        return _ValueProxy(node, self)
+
+    def create_proxy(
+        self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None
+    ):  # noqa: D102 (fx signature)
+        value = self._compute(kind, target, args, kwargs)
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        proxy.value = value
+        if isinstance(value, torch.Tensor):
+            proxy.node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        return proxy
+
+    def _compute(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        if kind == "placeholder":
+            if target in self._example_values:
+                return self._example_values[target]
+            return args[0] if args else None  # a specialised argument: its default
+        if kind == "get_attr":
+            obj = self.root
+            for atom in target.split("."):
+                obj = getattr(obj, atom)
+            return obj
+        args, kwargs = _concrete(args), _concrete(kwargs)
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        if kind == "call_module":
+            with _unpatched_module_calls():
+                return self.root.get_submodule(target)(*args, **kwargs)
+        raise TraceError(f"unexpected node kind {kind!r}")
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(obj.value)
+
+    def keys(self, obj: fx.Proxy) -> Any:
+        return list(obj.value.keys())
+
+    def iter(self, obj: fx.Proxy):
+        return iter(obj)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_module is None:
+                self.failed_module = self.path_of_module(m) or "<root>"
+            raise
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        params = list(inspect.signature(inspect.unwrap(root_fn)).parameters)
+        offset = 1 if is_module else 0
+        params = params[offset:]  # drop ``self``
+        if len(params) + offset != len(args) or not params:
+            return fn, args
+        args = list(args)
+        sample = args[offset]
+        if isinstance(sample, _ValueProxy) and isinstance(sample.value, torch.Tensor):
+            graph_ops.check_input(
+                sample, tuple(sample.value.shape[1:]), sample.value.dtype, params[0]
+            )
+            for i, pname in enumerate(params):
+                if pname in TIMESTEP_ARG_NAMES and isinstance(args[offset + i], _ValueProxy):
+                    args[offset + i] = graph_ops.normalize_timestep(args[offset + i], sample)
+        return fn, args
+
+
+def _bind(
+    model: torch.nn.Module, example_inputs: Sequence[Any], example_kwargs: Mapping[str, Any]
+) -> inspect.BoundArguments:
+    sig = inspect.signature(model.forward)
+    try:
+        return sig.bind(*example_inputs, **example_kwargs)
+    except TypeError as e:
+        raise InputMismatchError(
+            f"example inputs do not match {type(model).__name__}.forward{sig}: {e}"
+        ) from None
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch and dmq_fx: the model line that broke."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith((_TORCH_DIR, _FX_DIR, _OWN_DIR))
+    ]
+    if not frames:
+        return "an unknown line"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} ({(f.line or '').strip()})"
+
+
+def _flatten_tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten_tensors(o)]
+    return []
+
+
+def trace(
+    model: torch.nn.Module,
+    example_inputs: Sequence[Any] | Any,
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    check: bool = True,
+) -> fx.GraphModule:
+    """Trace ``model`` into a module-level :class:`torch.fx.GraphModule`.
+
+    Args:
+        model: a diffusers UNet (``UNet2DModel``, ``UNet2DConditionModel``) or any module whose
+            Python control flow depends on shapes and dtypes but not on tensor values. It is
+            never modified: the graph owns a deep copy (in eval mode).
+        example_inputs: positional inputs of one forward call, e.g. ``(sample, timestep)``.
+        example_kwargs: keyword inputs, e.g. ``{"encoder_hidden_states": ctx}``.
+        check: run the graph on the example and compare with eager execution.
+
+    The graph accepts any batch size (the timestep as a number, 0-d or 1-d tensor), every other
+    dimension and the dtype of the first input are fixed to the example's (a call with another
+    raises :class:`InputMismatchError`), parameters that were not passed are fixed to their
+    defaults, and ``return_dict`` keeps its meaning.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"trace() expects a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    example_kwargs = dict(example_kwargs or {})
+    bound = _bind(model, example_inputs, example_kwargs)
+    sig = inspect.signature(model.forward)
+    if "return_dict" in sig.parameters:
+        bound.arguments.pop("return_dict", None)
+    provided = dict(bound.arguments)
+    for name, p in sig.parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise TraceError(f"{type(model).__name__}.forward takes *{name}; name its inputs")
+    first = next(iter(sig.parameters))
+    if first not in provided or not isinstance(provided[first], torch.Tensor):
+        raise InputMismatchError(
+            f"the first input '{first}' of {type(model).__name__}.forward must be a tensor"
+        )
+    example_values = dict(provided)
+    concrete_args = {
+        n: p.default for n, p in sig.parameters.items() if n not in provided and n != "return_dict"
+    }
+    if "return_dict" in sig.parameters:
+        example_values["return_dict"] = False  # trace the tuple branch; format_output re-wraps
+
+    root = copy.deepcopy(model).eval()
+    tracer = ValueTracer(example_values)
+    real_is_tensor = torch.is_tensor
+    torch.is_tensor = lambda obj: (
+        isinstance(obj, torch.Tensor)
+        or (isinstance(obj, _ValueProxy) and isinstance(obj.value, torch.Tensor))
+    )
+    try:
+        with torch.no_grad():
+            graph = tracer.trace(root, concrete_args=concrete_args)
+    except TraceError:
+        raise
+    except Exception as e:
+        where = tracer.failed_module or "<root>"
+        raise TraceError(
+            f"could not trace {type(model).__name__}: module '{where}' failed at {_user_frame(e)}: "
+            f"{type(e).__name__}: {e}. dmq_fx decides Python control flow on the example inputs; "
+            f"code that needs tensor *values* (not shapes) cannot be traced: make that module a "
+            f"function of shapes only, or quantize its children separately."
+        ) from e
+    finally:
+        torch.is_tensor = real_is_tensor
+
+    _restore_specialised_args(graph, concrete_args)
+    output_class = None
+    if "return_dict" in sig.parameters:
+        with torch.no_grad():  # on the copy: the user's model keeps its mode and state
+            eager = root(**dict(provided, return_dict=True))
+        if not isinstance(eager, tuple):
+            output_class = f"{type(eager).__module__}.{type(eager).__qualname__}"
+        _wrap_output(graph, output_class)
+    gm = fx.GraphModule(root, graph, class_name=f"Traced{type(model).__name__}")
+    # Nodes that only fed Python control flow (shape checks, numel) are dead now.
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    gm.meta["dmq_fx"] = {
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "input_names": list(provided),
+        "example_shapes": {
+            k: tuple(v.shape) for k, v in provided.items() if isinstance(v, torch.Tensor)
+        },
+    }
+    if check:
+        _check_against_eager(gm, root, provided)
+    return gm
+
+
+def _restore_specialised_args(graph: fx.Graph, concrete_args: Mapping[str, Any]) -> None:
+    """Give fx's ``name_1`` placeholders of unpassed arguments their own names back, and turn
+    fx's ``_assert_is_none`` (which dead-code elimination would drop) into a kept check."""
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.target not in concrete_args:
+            base = node.target.rsplit("_", 1)[0]
+            if base in concrete_args:
+                node.target = base
+        elif node.op == "call_function" and node.target is _symbolic_trace._assert_is_none:
+            node.target = graph_ops.check_is_none
+            node.args = (node.args[0], node.args[0].target)
+
+
+def _wrap_output(graph: fx.Graph, output_class: str | None) -> None:
+    output = next(n for n in graph.nodes if n.op == "output")
+    return_dict = next(
+        n for n in graph.nodes if n.op == "placeholder" and n.target == "return_dict"
+    )
+    return_dict.args = (True,)  # default of the placeholder, as in diffusers
+    if output_class is None:
+        return
+    with graph.inserting_before(output):
+        wrapped = graph.call_function(
+            graph_ops.format_output, (output.args[0], return_dict, output_class)
+        )
+    output.args = (wrapped,)
+
+
+def _check_against_eager(
+    gm: fx.GraphModule, root: torch.nn.Module, provided: Mapping[str, Any]
+) -> None:
+    kwargs = dict(provided)
+    if "return_dict" in inspect.signature(root.forward).parameters:
+        kwargs["return_dict"] = False
+    with torch.no_grad():
+        expected = _flatten_tensors(root(**kwargs))
+        got = _flatten_tensors(gm(**kwargs))
+    if len(expected) != len(got) or any(
+        e.shape != g.shape or (e - g).abs().max() > 1e-5 * max(e.abs().max().item(), 1e-12)
+        for e, g in zip(expected, got)
+    ):
+        raise TraceError(
+            f"the traced graph of {type(root).__name__} does not reproduce eager execution on "
+            f"the example inputs; the model has data-dependent control flow dmq_fx cannot trace"
+        )
