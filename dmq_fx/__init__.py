@@ -1,5 +1,11 @@
-"""dmq_fx: post-training quantization of diffusers UNets as torch.fx graph passes."""
+"""dmq_fx: post-training quantization of diffusers UNets as torch.fx graph passes.
 
+The workflow mirrors torch.ao's: ``trace`` (optional), ``prepare_fx``, ``calibrate``,
+``convert_fx``, then ``summary`` to inspect the result.
+"""
+
+from .calibrate import DEFAULT_STAGES, STAGES, calibrate
+from .convert import BACKENDS, convert_fx
 from .errors import (
     CalibrationError,
     ConfigError,
@@ -8,14 +14,26 @@ from .errors import (
     InputMismatchError,
     TraceError,
 )
+from .prepare import prepare_fx
+from .qconfig import get_default_qconfig, get_default_qconfig_mapping
 from .tracing import trace
 
+__version__ = "0.1.0"
+
 __all__ = [
+    "BACKENDS",
+    "DEFAULT_STAGES",
+    "STAGES",
     "CalibrationError",
     "ConfigError",
     "ConvertError",
     "DMQError",
     "InputMismatchError",
     "TraceError",
+    "calibrate",
+    "convert_fx",
+    "get_default_qconfig",
+    "get_default_qconfig_mapping",
+    "prepare_fx",
     "trace",
 ]

@@ -1,0 +1,164 @@
+"""``calibrate``: an ordered list of named stages run on a prepared graph.
+
+A stage is a callable ``stage(prepared, batches, progress)``; ``STAGES`` maps names to stages, and
+a preset is a list of names. Later methods (LES, PTS, reconstruction) add stages here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+from tqdm.auto import tqdm
+
+from .annotate import quantized_layer_nodes
+from .errors import CalibrationError, ConfigError
+from .passes import input_quantizer_name
+
+__all__ = [
+    "DEFAULT_STAGES",
+    "STAGES",
+    "Batch",
+    "calibrate",
+    "input_quantizers",
+    "weight_quantizers",
+    "normalize_batch",
+]
+
+Batch = tuple[tuple[Any, ...], dict[str, Any]]
+Stage = Callable[[fx.GraphModule, Sequence[Batch], bool], None]
+
+
+def normalize_batch(item: Any, index: int) -> Batch:
+    """One calibration item as ``(args, kwargs)``: accepts ``(args, kwargs)``, a tuple, a tensor."""
+    if (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], (tuple, list))
+        and isinstance(item[1], dict)
+    ):
+        args, kwargs = tuple(item[0]), dict(item[1])
+    elif isinstance(item, (tuple, list)):
+        args, kwargs = tuple(item), {}
+    elif isinstance(item, torch.Tensor):
+        args, kwargs = (item,), {}
+    else:
+        raise CalibrationError(
+            f"calibration batch {index}: expected a tuple of positional "
+            f"inputs or (args, kwargs), got {type(item).__name__}"
+        )
+    for name, value in list(enumerate(args)) + list(kwargs.items()):
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not torch.isfinite(value).all()
+        ):
+            raise CalibrationError(f"calibration batch {index}: input {name!r} contains NaN or inf")
+    return args, kwargs
+
+
+def input_quantizers(gm: fx.GraphModule) -> list[FakeQuantizeBase]:
+    """The activation fake quantizers of every quantized layer, in graph order."""
+    out = []
+    for node in quantized_layer_nodes(gm):
+        n = len(node.meta["dmq_fx"].input_groups)
+        out += [gm.get_submodule(input_quantizer_name(node.target, g, n)) for g in range(n)]
+    return out
+
+
+def weight_quantizers(gm: fx.GraphModule) -> list[tuple[torch.nn.Module, FakeQuantizeBase]]:
+    """(layer, weight fake quantizer) pairs, one per input group, in graph order."""
+    out = []
+    for node in quantized_layer_nodes(gm):
+        layer = gm.get_submodule(node.target)
+        out += [(layer, fq) for fq in layer.parametrizations.weight[0].fake_quants]
+    return out
+
+
+def observe_activations(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
+    """Run the batches with activation observers on and every quantizer passing float through."""
+    for fq in input_quantizers(gm):
+        fq.enable_observer()
+        fq.disable_fake_quant()
+    for _, fq in weight_quantizers(gm):
+        fq.disable_observer()
+        fq.disable_fake_quant()
+    with torch.no_grad():
+        for args, kwargs in tqdm(batches, desc="observe activations", disable=not progress):
+            gm(*args, **kwargs)
+
+
+def observe_weights(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
+    """Observe each weight group once and compute its qparams (the MSE search runs here)."""
+    with torch.no_grad():
+        for layer, fq in tqdm(weight_quantizers(gm), desc="observe weights", disable=not progress):
+            w = layer.parametrizations.weight.original
+            grouped = layer.parametrizations.weight[0]
+            index = list(grouped.fake_quants).index(fq)
+            part = torch.split(w, grouped.split_sizes, dim=1)[index]
+            fq.enable_observer()
+            fq.disable_fake_quant()
+            fq(part)
+            fq.disable_observer()
+
+
+STAGES: dict[str, Stage] = {
+    "observe_activations": observe_activations,
+    "observe_weights": observe_weights,
+}
+#: min-max PTQ: activation ranges from the data, weight ranges by MSE grid search.
+DEFAULT_STAGES: tuple[str, ...] = ("observe_activations", "observe_weights")
+
+
+def _enable_simulation(gm: fx.GraphModule) -> None:
+    for fq in input_quantizers(gm) + [fq for _, fq in weight_quantizers(gm)]:
+        fq.disable_observer()
+        fq.enable_fake_quant()
+
+
+def calibrate(
+    prepared: fx.GraphModule,
+    data: Iterable[Any],
+    stages: Sequence[str | Stage] = DEFAULT_STAGES,
+    *,
+    progress: bool = True,
+) -> fx.GraphModule:
+    """Calibrate a graph from :func:`dmq_fx.prepare_fx` by running ``stages`` in order.
+
+    ``data`` is an iterable of batches, each a tuple of positional inputs or ``(args, kwargs)``.
+    Afterwards ``prepared`` simulates the quantized model (fake quantization on, observers off)
+    and :func:`dmq_fx.convert_fx` lowers it. Returns ``prepared`` (calibrated in place, as
+    torch.ao's calibration is).
+    """
+    state = (
+        prepared.meta.get("dmq_fx", {}).get("state")
+        if isinstance(prepared, fx.GraphModule)
+        else None
+    )
+    if state not in ("prepared", "calibrated"):
+        raise CalibrationError(
+            "calibrate() expects the graph returned by dmq_fx.prepare_fx, got "
+            + ("a converted graph" if state else type(prepared).__name__)
+        )
+    resolved = []
+    for stage in stages:
+        if isinstance(stage, str):
+            if stage not in STAGES:
+                raise ConfigError(f"unknown calibration stage {stage!r}; known: {sorted(STAGES)}")
+            resolved.append((stage, STAGES[stage]))
+        elif callable(stage):
+            resolved.append((getattr(stage, "__name__", repr(stage)), stage))
+        else:
+            raise ConfigError(f"calibration stage {stage!r} is neither a name nor a callable")
+    batches = [normalize_batch(item, i) for i, item in enumerate(data)]
+    if not batches:
+        raise CalibrationError("calibrate() got no calibration batches")
+    for name, stage in resolved:
+        stage(prepared, batches, progress)
+    _enable_simulation(prepared)
+    prepared.meta["dmq_fx"]["state"] = "calibrated"
+    prepared.meta["dmq_fx"]["stages_run"] = [name for name, _ in resolved]
+    return prepared

@@ -1,0 +1,59 @@
+"""``prepare_fx``: trace, decide (annotate), insert quantizers."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+from torch.ao.quantization import QConfigMapping
+
+from .annotate import annotate_quantization
+from .errors import ConfigError
+from .passes import insert_quantizers
+from .tracing import trace
+
+__all__ = ["prepare_fx"]
+
+
+def prepare_fx(
+    model: torch.nn.Module,
+    qconfig_mapping: QConfigMapping | dict[str, Any],
+    example_inputs: Sequence[Any] | Any,
+    example_kwargs: Mapping[str, Any] | None = None,
+    *,
+    split_concat_inputs: bool = True,
+) -> fx.GraphModule:
+    """Prepare ``model`` for post-training quantization, like torch.ao's ``prepare_fx``.
+
+    Traces ``model`` with :func:`dmq_fx.trace` (or copies it if it already is a graph from
+    ``dmq_fx.trace``), records in ``node.meta["dmq_fx"]`` which Conv2d / Linear layers are
+    quantized and how (from ``qconfig_mapping``, torch.ao semantics), and inserts torch.ao
+    FakeQuantize modules on their inputs and weights. The result observes activations when run;
+    :func:`dmq_fx.calibrate` drives it. ``model`` is not modified.
+    """
+    if isinstance(qconfig_mapping, dict):
+        qconfig_mapping = QConfigMapping.from_dict(qconfig_mapping)
+    if not isinstance(qconfig_mapping, QConfigMapping):
+        raise ConfigError(
+            f"qconfig_mapping must be a torch.ao QConfigMapping, got "
+            f"{type(qconfig_mapping).__name__}"
+        )
+    is_traced = isinstance(model, fx.GraphModule) and "model_class" in model.meta.get("dmq_fx", {})
+    if is_traced and model.meta["dmq_fx"].get("state") is not None:
+        raise ConfigError(
+            f"model is already {model.meta['dmq_fx']['state']}; prepare the float "
+            f"model or its dmq_fx.trace graph"
+        )
+    if is_traced:
+        gm = copy.deepcopy(model)
+        gm.meta = copy.deepcopy(model.meta)
+    else:
+        gm = trace(model, example_inputs, example_kwargs)
+    annotate_quantization(gm, qconfig_mapping, split_concat_inputs=split_concat_inputs)
+    insert_quantizers(gm)
+    gm.meta["dmq_fx"]["state"] = "prepared"
+    gm.meta["dmq_fx"]["stages_run"] = []
+    return gm

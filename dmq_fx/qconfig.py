@@ -1,0 +1,128 @@
+"""QConfigs and QConfigMappings with DMQ's defaults (SPEC 1.1).
+
+A ``QConfigMapping`` means what it means in torch.ao: global < object_type < module_name_regex <
+module_name (which also covers children), resolved with torch.ao's own helper. dmq_fx quantizes
+the inputs and weights of ``Conv2d`` and ``Linear`` layers; everything else stays in float.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.ao.quantization import QConfig, QConfigMapping
+from torch.ao.quantization.fx.qconfig_mapping_utils import (
+    _maybe_adjust_qconfig_for_module_type_or_name,
+)
+from torch.ao.quantization.observer import MovingAverageMinMaxObserver
+
+from .errors import ConfigError
+from .observers import MSEGridSearchPerChannelObserver
+
+__all__ = [
+    "FLOAT_MODULE_NAMES",
+    "FLOAT_MODULE_NAME_REGEXES",
+    "activation_observer",
+    "check_bits",
+    "get_default_qconfig",
+    "get_default_qconfig_mapping",
+    "qconfig_for_module",
+    "weight_observer",
+]
+
+#: Kept in float by the default mapping (with all their children): the first and last conv and
+#: the timestep / class / added-condition embedding paths of diffusers UNets.
+FLOAT_MODULE_NAMES = (
+    "conv_in",
+    "conv_out",
+    "time_proj",
+    "time_embedding",
+    "class_embedding",
+    "add_time_proj",
+    "add_embedding",
+)
+#: Kept in float by the default mapping: every resnet's timestep projection.
+FLOAT_MODULE_NAME_REGEXES = (r"(.*\.)?time_emb_proj$",)
+
+#: Moving-average momentum of activation ranges (SPEC 1.1: 0.95, i.e. torch.ao's constant 0.05).
+ACTIVATION_RANGE_MOMENTUM = 0.95
+
+
+def check_bits(value: object, name: str) -> int:
+    """Return ``value`` if it is a supported bit width (2 to 8), else raise ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 8:
+        raise ConfigError(
+            f"{name} must be an integer from 2 to 8 (int8 kernels carry at most 8 bits), "
+            f"got {value!r}"
+        )
+    return value
+
+
+def weight_observer(bits: int = 8):
+    """Per-output-channel weight observer with the MSE grid search (p = 2.4) of SPEC 1.1.
+
+    Up to 7 bits the range is asymmetric ``[0, 2^b - 1]`` with a zero point, as in SPEC 1.1; the
+    integer weight minus its zero point then fits int8, so int8 kernels carry it exactly. At 8 bits
+    no asymmetric form fits int8, so the range is symmetric ``[-128, 127]`` with zero point 0.
+    """
+    bits = check_bits(bits, "weight_bits")
+    if bits == 8:
+        return MSEGridSearchPerChannelObserver.with_args(
+            dtype=torch.qint8,
+            qscheme=torch.per_channel_symmetric,
+            quant_min=-128,
+            quant_max=127,
+            ch_axis=0,
+        )
+    return MSEGridSearchPerChannelObserver.with_args(
+        dtype=torch.quint8,
+        qscheme=torch.per_channel_affine,
+        quant_min=0,
+        quant_max=2**bits - 1,
+        ch_axis=0,
+    )
+
+
+def activation_observer(bits: int = 8):
+    """Per-tensor asymmetric activation observer ``[0, 2^b - 1]``, moving-average min/max."""
+    bits = check_bits(bits, "act_bits")
+    return MovingAverageMinMaxObserver.with_args(
+        averaging_constant=1.0 - ACTIVATION_RANGE_MOMENTUM,
+        dtype=torch.quint8,
+        qscheme=torch.per_tensor_affine,
+        quant_min=0,
+        quant_max=2**bits - 1,
+    )
+
+
+def get_default_qconfig(weight_bits: int = 8, act_bits: int = 8) -> QConfig:
+    """The QConfig dmq_fx gives every quantized conv and linear by default."""
+    return QConfig(activation=activation_observer(act_bits), weight=weight_observer(weight_bits))
+
+
+def get_default_qconfig_mapping(weight_bits: int = 8, act_bits: int = 8) -> QConfigMapping:
+    """A QConfigMapping with the defaults of SPEC 1.1 for diffusers UNets.
+
+    Conv2d and Linear layers get :func:`get_default_qconfig`; ``conv_in``, ``conv_out``, the
+    timestep embedding path (``time_proj``, ``time_embedding``, every ``time_emb_proj``) and class
+    / added-condition embeddings stay in float. Attention matmuls, norms and nonlinearities are
+    never quantized by dmq_fx. Edit the result as any torch.ao QConfigMapping.
+    """
+    mapping = QConfigMapping().set_global(get_default_qconfig(weight_bits, act_bits))
+    for name in FLOAT_MODULE_NAMES:
+        mapping.set_module_name(name, None)
+    for regex in FLOAT_MODULE_NAME_REGEXES:
+        mapping.set_module_name_regex(regex, None)
+    return mapping
+
+
+def qconfig_for_module(
+    mapping: QConfigMapping, module_name: str, module_type: type
+) -> QConfig | None:
+    """The qconfig torch.ao would give the module ``module_name`` of type ``module_type``."""
+    if mapping.module_name_object_type_order_qconfigs:
+        raise ConfigError(
+            "QConfigMapping.set_module_name_object_type_order applies to functional calls; "
+            "dmq_fx quantizes Conv2d / Linear modules only: use set_module_name instead"
+        )
+    return _maybe_adjust_qconfig_for_module_type_or_name(
+        mapping, module_type, module_name, mapping.global_qconfig
+    )

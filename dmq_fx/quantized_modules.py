@@ -1,0 +1,197 @@
+"""Modules and functions of lowered graphs: integer weights, int8 kernels or reference math.
+
+A :class:`QuantizedLayer` replaces one quantized Conv2d / Linear. It stores the integer weights
+with their exact range (``weight_quant_min`` .. ``weight_quant_max``), one set per input group,
+and runs in one of two forms:
+
+- ``"int8"``: inputs are uint8 tensors (from :func:`quantize_uint8`); onednn's u8 x s8 kernels
+  accumulate in integers and rescale to a float32 output (no output requantization), with weights
+  ``W_int - zero_point`` as int8.
+- ``"reference"``: inputs are dequantized float tensors (``quantized_decomposed`` quantize /
+  dequantize nodes in the graph); the weight is dequantized with ``quantized_decomposed`` ops and
+  the float conv / linear runs. This is the bit-exact specification of the int8 form.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+import torch.nn.functional as F
+
+__all__ = ["QuantizedLayer", "cpu_has_int8_dot_product", "int16_pair_bound", "quantize_uint8"]
+
+_qd = torch.ops.quantized_decomposed
+_INT16_MAX = 32767
+
+
+def quantize_uint8(
+    x: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int
+) -> torch.Tensor:
+    """``clamp(round(x / scale) + zero_point, quant_min, quant_max)`` as uint8.
+
+    The same integers as ``quantized_decomposed.quantize_per_tensor`` (same ``x * (1 / scale)``
+    arithmetic) in fewer passes, and without creating deprecated quint8 tensors.
+    """
+    return (
+        torch.round(x * (1.0 / scale)).add_(zero_point).clamp_(quant_min, quant_max).to(torch.uint8)
+    )
+
+
+@functools.cache
+def cpu_has_int8_dot_product() -> bool:
+    """Whether the CPU has VNNI / AMX, i.e. int8 products accumulate in int32 without saturation.
+
+    Without them (AVX2) x86 int8 kernels add pairs of u8 x s8 products in int16 with saturation,
+    so a layer is exact only if no pair can exceed 32767 (see :func:`int16_pair_bound`).
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def int16_pair_bound(weight_int8: torch.Tensor, act_quant_max: int) -> int:
+    """Largest possible sum of two u8 x s8 products: ``act_quant_max`` x the two largest |w|."""
+    w = weight_int8.reshape(weight_int8.shape[0], -1).abs().int()
+    top = w.topk(min(2, w.shape[1]), dim=1).values.sum(1).max()
+    return int(act_quant_max) * int(top)
+
+
+class QuantizedLayer(torch.nn.Module):
+    """A Conv2d or Linear with integer weights per input group (see module docstring)."""
+
+    def __init__(
+        self,
+        float_layer: torch.nn.Module,
+        weight_int: list[torch.Tensor],
+        weight_scale: list[torch.Tensor],
+        weight_zero_point: list[torch.Tensor],
+        weight_quant_min: int,
+        weight_quant_max: int,
+        act_qparams: list[tuple[float, int, int, int]],
+        form: str,
+        float_type: str,
+    ) -> None:
+        super().__init__()
+        if form not in ("int8", "reference"):
+            raise ValueError(f"unknown form {form!r}")
+        self.is_conv = isinstance(float_layer, torch.nn.Conv2d)
+        if self.is_conv:
+            self.stride, self.padding = list(float_layer.stride), list(float_layer.padding)
+            self.dilation, self.groups = list(float_layer.dilation), float_layer.groups
+        self.form = form
+        self.float_type = float_type
+        self.weight_quant_min, self.weight_quant_max = weight_quant_min, weight_quant_max
+        self.act_qparams = [tuple(p) for p in act_qparams]
+        self.num_groups = len(weight_int)
+        bias = float_layer.bias
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        for g in range(self.num_groups):
+            self.register_buffer(f"weight_int_{g}", weight_int[g].clone())
+            self.register_buffer(f"weight_scale_{g}", weight_scale[g].float().clone())
+            self.register_buffer(f"weight_zero_point_{g}", weight_zero_point[g].int().clone())
+        self._packed: list[torch.Tensor] | None = None
+
+    # -- weights ---------------------------------------------------------------------------------
+    def integer_weight(self, g: int) -> torch.Tensor:
+        """Group ``g``'s weight as int8 ``W_int - zero_point`` (what the int8 kernel multiplies)."""
+        w = getattr(self, f"weight_int_{g}").int()
+        zp = getattr(self, f"weight_zero_point_{g}").view(-1, *([1] * (w.dim() - 1)))
+        return (w - zp).to(torch.int8)
+
+    def dequantized_weight(self, g: int) -> torch.Tensor:
+        w = getattr(self, f"weight_int_{g}")
+        return _qd.dequantize_per_channel(
+            w,
+            getattr(self, f"weight_scale_{g}"),
+            getattr(self, f"weight_zero_point_{g}"),
+            0,
+            self.weight_quant_min,
+            self.weight_quant_max,
+            w.dtype,
+        )
+
+    def _packed_weights(self) -> list[torch.Tensor]:
+        if self._packed is None:
+            packed = []
+            for g in range(self.num_groups):
+                scale, zp = self.act_qparams[g][:2]
+                if self.is_conv:
+                    packed.append(
+                        torch.ops.onednn.qconv_prepack(
+                            self.integer_weight(g),
+                            getattr(self, f"weight_scale_{g}"),
+                            scale,
+                            zp,
+                            self.stride,
+                            self.padding,
+                            self.dilation,
+                            self.groups,
+                            None,
+                        )
+                    )
+                else:
+                    packed.append(torch.ops.onednn.qlinear_prepack(self.integer_weight(g), None))
+            self._packed = packed
+        return self._packed
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_packed"] = None  # opaque onednn tensors: rebuilt on first use
+        return state
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) != self.num_groups:
+            raise ValueError(f"expected {self.num_groups} inputs, got {len(inputs)}")
+        if self.form == "reference":
+            out = None
+            for g, x in enumerate(inputs):
+                w, b = self.dequantized_weight(g), self.bias if g == 0 else None
+                y = (
+                    F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+                    if self.is_conv
+                    else F.linear(x, w, b)
+                )
+                out = y if out is None else out + y
+            return out
+        out = None
+        for g, (x, packed) in enumerate(zip(inputs, self._packed_weights())):
+            scale, zp = self.act_qparams[g][:2]
+            w_scale = getattr(self, f"weight_scale_{g}")
+            w_zp = torch.zeros_like(getattr(self, f"weight_zero_point_{g}"))
+            b = self.bias if g == 0 else None
+            if self.is_conv:
+                y = torch.ops.onednn.qconv_pointwise(
+                    x,
+                    scale,
+                    zp,
+                    packed,
+                    w_scale,
+                    w_zp,
+                    b,
+                    self.stride,
+                    self.padding,
+                    self.dilation,
+                    self.groups,
+                    1.0,
+                    0,
+                    torch.float32,
+                    "none",
+                    [],
+                    "",
+                )
+            else:
+                y = torch.ops.onednn.qlinear_pointwise(
+                    x, scale, zp, packed, w_scale, w_zp, b, 1.0, 0, torch.float32, "none", [], ""
+                )
+            out = y if out is None else out + y
+        return out
+
+    def extra_repr(self) -> str:
+        bits = (self.weight_quant_max - self.weight_quant_min + 1).bit_length() - 1
+        return f"{self.float_type}, form={self.form}, weight_bits={bits}, groups={self.num_groups}"
