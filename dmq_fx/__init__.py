@@ -16,6 +16,7 @@ from .errors import (
 )
 from .prepare import prepare_fx
 from .qconfig import get_default_qconfig, get_default_qconfig_mapping
+from .summary import QuantSummary, summary
 from .tracing import trace
 
 __version__ = "0.1.0"
@@ -35,5 +36,7 @@ __all__ = [
     "get_default_qconfig",
     "get_default_qconfig_mapping",
     "prepare_fx",
+    "QuantSummary",
+    "summary",
     "trace",
 ]

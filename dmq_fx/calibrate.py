@@ -156,7 +156,7 @@ def calibrate(
     batches = [normalize_batch(item, i) for i, item in enumerate(data)]
     if not batches:
         raise CalibrationError("calibrate() got no calibration batches")
-    for name, stage in resolved:
+    for _, stage in resolved:
         stage(prepared, batches, progress)
     _enable_simulation(prepared)
     prepared.meta["dmq_fx"]["state"] = "calibrated"

@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx
 from torch.fx import _symbolic_trace
@@ -51,6 +52,50 @@ def _unpatched_module_calls():
         torch.nn.Module.__call__, torch.nn.Module.__getattr__ = patched_call, patched_getattr
 
 
+#: Ops whose result depends only on a tensor's metadata, not on its values.
+_METADATA_ATTRS = frozenset(
+    {
+        "shape",
+        "dtype",
+        "device",
+        "ndim",
+        "layout",
+        "is_cuda",
+        "is_sparse",
+        "is_quantized",
+        "is_meta",
+        "requires_grad",
+    }
+)
+_METADATA_METHODS = frozenset(
+    {
+        "size",
+        "dim",
+        "ndimension",
+        "numel",
+        "nelement",
+        "is_floating_point",
+        "is_complex",
+        "is_contiguous",
+        "element_size",
+        "get_device",
+    }
+)
+_METADATA_FUNCTIONS = (torch.is_floating_point, torch.is_complex, torch.numel, len)
+
+
+def _is_metadata_op(kind: str, target: Any, args: tuple) -> bool:
+    if kind == "call_function" and target is getattr:
+        return args[1] in _METADATA_ATTRS
+    if kind == "call_method":
+        return target in _METADATA_METHODS
+    return kind == "call_function" and any(target is f for f in _METADATA_FUNCTIONS)
+
+
+def _python_scalar(arg: Any) -> Any:
+    return arg.item() if isinstance(arg, np.generic) else arg
+
+
 def _concrete(arg: Any) -> Any:
     return map_aggregate(arg, lambda a: a.value if isinstance(a, fx.Proxy) else a)
 
@@ -61,6 +106,8 @@ class _ValueProxy(fx.Proxy):
     def __init__(self, node: fx.Node, tracer: ValueTracer, value: Any = None):
         super().__init__(node, tracer)
         self.value = value
+        #: whether the value depends on tensor values (not only on shapes, dtypes, devices)
+        self.data_dependent = False
 
     def __getattr__(self, name: str) -> _ValueAttribute:
         return _ValueAttribute(self, name)
@@ -82,12 +129,15 @@ class _ValueProxy(fx.Proxy):
         return iter([self[i] for i in range(len(self.value))])
 
     def __index__(self) -> int:
+        self.tracer.check_specialisable(self, "use as an index")
         return operator.index(self.value)
 
     def __int__(self) -> int:
+        self.tracer.check_specialisable(self, "int()")
         return int(self.value)
 
     def __float__(self) -> float:
+        self.tracer.check_specialisable(self, "float()")
         return float(self.value)
 
 
@@ -100,6 +150,16 @@ class _ValueAttribute(fx.proxy.Attribute, _ValueProxy):
     @property
     def value(self) -> Any:
         return getattr(self.root.value, self.attr)
+
+    @property
+    def data_dependent(self) -> bool:
+        if self.attr in _METADATA_ATTRS:
+            return False
+        return self.root.data_dependent or isinstance(self.root.value, torch.Tensor)
+
+    @data_dependent.setter
+    def data_dependent(self, flag: bool) -> None:
+        pass  # derived from the root
 
 
 class ValueTracer(fx.Tracer):
@@ -123,11 +183,42 @@ class ValueTracer(fx.Tracer):
         self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None
     ):  # noqa: D102 (fx signature)
         value = self._compute(kind, target, args, kwargs)
+        # numpy scalars (diffusers computes some constants with numpy) become Python numbers:
+        # the same double, and a literal fx's generated code can print.
+        args, kwargs = map_aggregate((args, kwargs), _python_scalar)
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         proxy.value = value
         if isinstance(value, torch.Tensor):
             proxy.node.meta["tensor_meta"] = _extract_tensor_metadata(value)
+        if kind != "placeholder" and not _is_metadata_op(kind, target, args):
+            inputs: list[Any] = []
+            map_aggregate((args, kwargs), lambda a: inputs.append(a))
+            proxy.data_dependent = any(
+                isinstance(a, _ValueProxy)
+                and (a.data_dependent or isinstance(a.value, torch.Tensor))
+                for a in inputs
+            )
         return proxy
+
+    def check_specialisable(self, proxy: _ValueProxy, what: str) -> None:
+        """Raise TraceError if fixing ``proxy``'s value in the graph would depend on data."""
+        if proxy.data_dependent or isinstance(proxy.value, torch.Tensor):
+            frames = [
+                f
+                for f in traceback.extract_stack()[:-2]
+                if not f.filename.startswith((_TORCH_DIR, _FX_DIR, _OWN_DIR))
+            ]
+            line = (
+                f"{frames[-1].filename}:{frames[-1].lineno} ({(frames[-1].line or '').strip()})"
+                if frames
+                else "an unknown line"
+            )
+            raise TraceError(
+                f"module '{self.scope.module_path or '<root>'}' at {line}: {what} on the tensor "
+                f"values of '{proxy.node.name}' is Python control flow that depends on data, so "
+                f"a traced graph would be wrong for other inputs. Make the branch depend on "
+                f"shapes only (or use torch.where), or keep that module out of the trace."
+            )
 
     def _compute(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         if kind == "placeholder":
@@ -150,6 +241,7 @@ class ValueTracer(fx.Tracer):
         raise TraceError(f"unexpected node kind {kind!r}")
 
     def to_bool(self, obj: fx.Proxy) -> bool:
+        self.check_specialisable(obj, "a Python condition")
         return bool(obj.value)
 
     def keys(self, obj: fx.Proxy) -> Any:

@@ -93,4 +93,6 @@ def example_inputs(
         )
     if getattr(cfg, "num_class_embeds", None):
         kwargs["class_labels"] = torch.randint(0, cfg.num_class_embeds, (batch,), generator=g)
+    elif getattr(cfg, "class_embed_type", None) == "timestep":
+        kwargs["class_labels"] = torch.randint(0, 1000, (batch,), generator=g)
     return (sample, timestep), kwargs

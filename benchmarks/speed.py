@@ -1,0 +1,123 @@
+"""fp32 eager vs lowered int8 graphs on the DDPM-CIFAR10 UNet (random weights).
+
+    python benchmarks/speed.py [--bits w8a8 w8a7 w4a8] [--batches 1 8] [--repeats 15] [--no-torchao]
+
+Rows: dmq_fx's x86 lowering at each bit setting, and torch.ao's own FX PTQ (x86 default qconfig,
+which quantizes activations to 7 bits: reduce_range) on the graph from dmq_fx.trace. Every repeat
+times fp32 and every quantized graph back to back (interleaved), so machine load hits all alike;
+medians are reported. The last line printed is a JSON list with one object per run:
+{"config", "batch", "bits", "method", "fp32_ms", "quant_ms", "speedup", "int8_layers", "layers"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import statistics
+import time
+import warnings
+
+import torch
+
+import dmq_fx
+from dmq_fx.qconfig import FLOAT_MODULE_NAME_REGEXES, FLOAT_MODULE_NAMES
+from dmq_fx.quantized_modules import QuantizedLayer, cpu_has_int8_dot_product
+from dmq_fx.unet_configs import DDPM_CIFAR10, build_unet, example_inputs
+
+
+def _parse_bits(bits: str) -> tuple[int, int]:
+    return int(bits[1 : bits.index("a")]), int(bits[bits.index("a") + 1 :])
+
+
+def dmq_fx_graph(model, bits: str, calib):
+    wb, ab = _parse_bits(bits)
+    prepared = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(wb, ab), *calib[0])
+    dmq_fx.calibrate(prepared, calib, progress=False)
+    quant = dmq_fx.convert_fx(prepared, "x86")
+    forms = [m.form for m in quant.modules() if isinstance(m, QuantizedLayer)]
+    return quant, forms.count("int8"), len(forms)
+
+
+def torchao_fx_graph(model, calib):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    graph = dmq_fx.trace(model, *calib[0])
+    mapping = get_default_qconfig_mapping("x86")
+    for name in FLOAT_MODULE_NAMES:  # the same float layers as dmq_fx
+        mapping.set_module_name(name, None)
+    for regex in FLOAT_MODULE_NAME_REGEXES:
+        mapping.set_module_name_regex(regex, None)
+    # Nodes of a pre-traced graph carry no module scope in torch.ao: the int64 timestep's
+    # multiply can only be kept off a (crashing) HistogramObserver by its type.
+    mapping.set_object_type(operator.mul, None).set_object_type(torch.mul, None)
+    with warnings.catch_warnings():
+        # torch.ao FX mode's deprecation notices: this row measures that API on purpose.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
+        prepared = prepare_fx(graph, mapping, calib[0][0])
+        with torch.no_grad():
+            for args, kwargs in calib:
+                prepared(*args, **kwargs)
+        quant = convert_fx(prepared)
+    n = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    layers = sum(
+        type(m).__module__.startswith("torch.ao.nn.quantized") and hasattr(m, "weight")
+        for m in quant.modules()
+    )
+    return quant, layers, n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bits", nargs="+", default=["w8a8", "w8a7", "w4a8"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-torchao", action="store_true", help="skip torch.ao's own PTQ row")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build_unet(DDPM_CIFAR10)
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, VNNI/AMX: {cpu_has_int8_dot_product()}",
+        flush=True,
+    )
+    calib = [example_inputs(model, batch=4, seed=s) for s in range(2)]
+    graphs = [("dmq_fx", bits, *dmq_fx_graph(model, bits, calib)) for bits in args.bits]
+    if not args.no_torchao:
+        graphs.append(("torchao-fx", "w8a8 (a7 reduce_range)", *torchao_fx_graph(model, calib)))
+    results = []
+    for batch in args.batches:
+        a, k = example_inputs(model, batch=batch, seed=1)
+        times: dict[int, list[float]] = {i: [] for i in range(-1, len(graphs))}
+        with torch.no_grad():
+            for rep in range(args.repeats + 2):  # two warm-up rounds (packing, allocator)
+                for i, fn in [(-1, model)] + [(i, g[2]) for i, g in enumerate(graphs)]:
+                    t = time.perf_counter()
+                    fn(*a, **k)
+                    if rep >= 2:
+                        times[i].append((time.perf_counter() - t) * 1e3)
+        fp32 = statistics.median(times[-1])
+        for i, (method, bits, _, int8_layers, layers) in enumerate(graphs):
+            q = statistics.median(times[i])
+            row = {
+                "config": "ddpm-cifar10",
+                "batch": batch,
+                "bits": bits,
+                "method": method,
+                "fp32_ms": round(fp32, 1),
+                "quant_ms": round(q, 1),
+                "speedup": round(fp32 / q, 2),
+                "int8_layers": int8_layers,
+                "layers": layers,
+            }
+            print(row, flush=True)
+            results.append(row)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+import dmq_fx
+from dmq_fx.unet_configs import (
+    TINY_CLASS_CONDITIONAL,
+    TINY_DDPM,
+    TINY_SD,
+    build_unet,
+    example_inputs,
+)
+
+torch.set_num_threads(2)
+
+TINY_CONFIGS = {"ddpm": TINY_DDPM, "class_cond": TINY_CLASS_CONDITIONAL, "sd": TINY_SD}
+
+
+@pytest.fixture(scope="session", params=sorted(TINY_CONFIGS))
+def tiny_unet(request):
+    return build_unet(TINY_CONFIGS[request.param])
+
+
+def calibration_data(model, n=3, batch=4):
+    return [example_inputs(model, batch=batch, seed=100 + s) for s in range(n)]
+
+
+def prepared_and_calibrated(model, weight_bits=8, act_bits=8, **kwargs):
+    args, kw = example_inputs(model, batch=4)
+    prepared = dmq_fx.prepare_fx(
+        model, dmq_fx.get_default_qconfig_mapping(weight_bits, act_bits), args, kw, **kwargs
+    )
+    return dmq_fx.calibrate(prepared, calibration_data(model), progress=False)
+
+
+def state_snapshot(model):
+    return (
+        {k: v.clone() for k, v in model.state_dict().items()},
+        model.training,
+        dict(model.named_modules()).keys(),
+    )
+
+
+def assert_unchanged(model, snapshot):
+    state, training, names = snapshot
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for k, v in state.items():
+        assert torch.equal(now[k], v), k
+    assert model.training == training
+    assert dict(model.named_modules()).keys() == names
