@@ -203,16 +203,7 @@ class ValueTracer(fx.Tracer):
     def check_specialisable(self, proxy: _ValueProxy, what: str) -> None:
         """Raise TraceError if fixing ``proxy``'s value in the graph would depend on data."""
         if proxy.data_dependent or isinstance(proxy.value, torch.Tensor):
-            frames = [
-                f
-                for f in traceback.extract_stack()[:-2]
-                if not f.filename.startswith((_TORCH_DIR, _FX_DIR, _OWN_DIR))
-            ]
-            line = (
-                f"{frames[-1].filename}:{frames[-1].lineno} ({(frames[-1].line or '').strip()})"
-                if frames
-                else "an unknown line"
-            )
+            line = _model_line(traceback.extract_stack())
             raise TraceError(
                 f"module '{self.scope.module_path or '<root>'}' at {line}: {what} on the tensor "
                 f"values of '{proxy.node.name}' is Python control flow that depends on data, so "
@@ -290,17 +281,12 @@ def _bind(
         ) from None
 
 
-def _user_frame(exc: BaseException) -> str:
-    """The innermost traceback frame outside torch and dmq_fx: the model line that broke."""
-    frames = [
-        f
-        for f in traceback.extract_tb(exc.__traceback__)
-        if not f.filename.startswith((_TORCH_DIR, _FX_DIR, _OWN_DIR))
-    ]
-    if not frames:
+def _model_line(frames: traceback.StackSummary) -> str:
+    """The innermost frame outside torch and dmq_fx, i.e. the model's own line, as text."""
+    own = [f for f in frames if not f.filename.startswith((_TORCH_DIR, _FX_DIR, _OWN_DIR))]
+    if not own:
         return "an unknown line"
-    f = frames[-1]
-    return f"{f.filename}:{f.lineno} ({(f.line or '').strip()})"
+    return f"{own[-1].filename}:{own[-1].lineno} ({(own[-1].line or '').strip()})"
 
 
 def _flatten_tensors(out: Any) -> list[torch.Tensor]:
@@ -374,8 +360,9 @@ def trace(
         raise
     except Exception as e:
         where = tracer.failed_module or "<root>"
+        line = _model_line(traceback.extract_tb(e.__traceback__))
         raise TraceError(
-            f"could not trace {type(model).__name__}: module '{where}' failed at {_user_frame(e)}: "
+            f"could not trace {type(model).__name__}: module '{where}' failed at {line}: "
             f"{type(e).__name__}: {e}. dmq_fx decides Python control flow on the example inputs; "
             f"code that needs tensor *values* (not shapes) cannot be traced: make that module a "
             f"function of shapes only, or quantize its children separately."

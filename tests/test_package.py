@@ -1,0 +1,59 @@
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import dmq_fx.observers
+import dmq_fx.passes
+
+import dmq_fx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_passes_and_observers_install_under_dmq_fx():
+    assert Path(dmq_fx.passes.__file__).parent == ROOT / "passes"
+    assert Path(dmq_fx.observers.__file__).parent == ROOT / "observers"
+    assert dmq_fx.passes.insert_quantizers.__module__ == "dmq_fx.passes.insert_quantizers"
+
+
+def test_regular_install_puts_passes_and_observers_inside_dmq_fx(tmp_path):
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("dmq_fx-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "dmq_fx/passes/insert_quantizers.py" in names
+    assert "dmq_fx/observers/mse.py" in names
+    assert not [n for n in names if n.startswith(("passes/", "observers/", "tests/"))]
+
+
+def test_public_api_is_exported_and_documented():
+    readme = (ROOT / "README.md").read_text()
+    for name in dmq_fx.__all__:
+        assert hasattr(dmq_fx, name), name
+        assert re.search(rf"\b{name}\b", readme), f"README does not mention {name}"
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    for command in (
+        "pip install -q torch==2.13.0",
+        'pip install -q -e ".[test]"',
+        "python -m pytest -q",
+    ):
+        assert command in readme and command in ci, command
