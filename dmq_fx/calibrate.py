@@ -93,16 +93,17 @@ def observe_activations(gm: fx.GraphModule, batches: Sequence[Batch], progress: 
 
 def observe_weights(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
     """Observe each weight group once and compute its qparams (the MSE search runs here)."""
+    nodes = quantized_layer_nodes(gm)
     with torch.no_grad():
-        for layer, fq in tqdm(weight_quantizers(gm), desc="observe weights", disable=not progress):
-            w = layer.parametrizations.weight.original
+        for node in tqdm(nodes, desc="observe weights", disable=not progress):
+            layer = gm.get_submodule(node.target)
             grouped = layer.parametrizations.weight[0]
-            index = list(grouped.fake_quants).index(fq)
-            part = torch.split(w, grouped.split_sizes, dim=1)[index]
-            fq.enable_observer()
-            fq.disable_fake_quant()
-            fq(part)
-            fq.disable_observer()
+            parts = torch.split(layer.parametrizations.weight.original, grouped.split_sizes, dim=1)
+            for fq, part in zip(grouped.fake_quants, parts):
+                fq.enable_observer()
+                fq.disable_fake_quant()
+                fq(part)
+                fq.disable_observer()
 
 
 STAGES: dict[str, Stage] = {

@@ -7,6 +7,7 @@ and the function shows up again as one ``call_function`` node.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -90,6 +91,10 @@ def format_output(result: Any, return_dict: Any, output_class: str) -> Any:
         )
     if not return_dict:
         return result
-    module_name, _, class_name = output_class.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(*result)
+    return _output_class(output_class)(*result)
+
+
+@functools.cache
+def _output_class(path: str) -> type:
+    module_name, _, class_name = path.rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)

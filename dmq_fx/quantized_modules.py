@@ -139,6 +139,10 @@ class QuantizedLayer(torch.nn.Module):
             self._packed = packed
         return self._packed
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = None  # new integer weights: repack on next use
+        super()._load_from_state_dict(*args, **kwargs)
+
     def __getstate__(self):
         state = super().__getstate__()
         state["_packed"] = None  # opaque onednn tensors: rebuilt on first use

@@ -33,6 +33,15 @@ TINY_DDPM: dict[str, Any] = dict(
     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
 )
 
+#: The quick start's UNet: 32x32, attention at 16x16, about 4.4M parameters.
+SMALL_DDPM: dict[str, Any] = dict(
+    TINY_DDPM,
+    sample_size=32,
+    block_out_channels=(64, 128, 128),
+    attention_head_dim=32,
+    norm_num_groups=32,
+)
+
 TINY_CLASS_CONDITIONAL: dict[str, Any] = dict(
     TINY_DDPM,
     num_class_embeds=10,

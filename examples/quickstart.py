@@ -15,18 +15,7 @@ import torch
 
 import dmq_fx
 from dmq_fx.quantized_modules import cpu_has_int8_dot_product
-from dmq_fx.unet_configs import build_unet, example_inputs
-
-SMALL_UNET = dict(
-    sample_size=32,
-    in_channels=3,
-    out_channels=3,
-    layers_per_block=1,
-    block_out_channels=(64, 128, 128),
-    attention_head_dim=32,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-)
+from dmq_fx.unet_configs import SMALL_DDPM, build_unet, example_inputs
 
 
 def median_ms(fn, repeats: int = 7) -> float:
@@ -48,7 +37,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(2)
 
-    model = build_unet(SMALL_UNET)
+    model = build_unet(SMALL_DDPM)
     sample, timestep = example_inputs(model, batch=4)[0]
     # 1. trace + decide + insert observers (the model itself is never modified)
     prepared = dmq_fx.prepare_fx(
