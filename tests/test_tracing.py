@@ -205,3 +205,33 @@ def test_stable_diffusion_15_full_size_traces_exactly():
     a, k = example_inputs(model, batch=2, seed=1, seq_len=77)
     with torch.no_grad():
         assert relative_max_error(model(*a, **k).sample, gm(*a, **k).sample) <= 1e-5
+
+
+def test_traced_graph_retraces_with_torch_ao_prepare_fx():
+    """torch.ao's own tracer re-traces the graph; the input checks and the timestep
+    normalisation survive as single call_function nodes (``__torch_function__`` dispatch)."""
+    import warnings
+
+    from torch.ao.quantization import QConfigMapping, get_default_qconfig
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from dmq_fx import graph_ops
+
+    model = build_unet(TINY_DDPM)
+    gm = dmq_fx.trace(model, (torch.randn(2, 3, 16, 16), torch.tensor([3, 4])))
+    mapping = QConfigMapping().set_module_name("mid_block", get_default_qconfig("x86"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao FX mode's deprecation notices
+        prepared = prepare_fx(gm, mapping, (torch.randn(2, 3, 16, 16), torch.tensor([3, 4])))
+        prepared(torch.randn(2, 3, 16, 16), torch.tensor([3, 4]))
+        quantized = convert_fx(prepared)
+    targets = [n.target for n in quantized.graph.nodes if n.op == "call_function"]
+    assert targets.count(graph_ops.check_input) == 1
+    assert targets.count(graph_ops.normalize_timestep) == 1
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x, 5).sample
+        out = quantized(x, 5).sample
+    assert relative_max_error(ref, out) < 0.2  # mid_block in int8: close, not exact
+    with pytest.raises(dmq_fx.InputMismatchError, match="traced for shape"):
+        quantized(torch.randn(1, 3, 8, 8), 5)
