@@ -4,6 +4,7 @@ The workflow mirrors torch.ao's: ``trace`` (optional), ``prepare_fx``, ``calibra
 ``convert_fx``, then ``summary`` to inspect the result.
 """
 
+from . import calibration, datasets
 from .calibrate import DEFAULT_STAGES, STAGES, calibrate
 from .convert import BACKENDS, convert_fx
 from .errors import (
@@ -32,6 +33,8 @@ __all__ = [
     "InputMismatchError",
     "TraceError",
     "calibrate",
+    "calibration",
+    "datasets",
     "convert_fx",
     "get_default_qconfig",
     "get_default_qconfig_mapping",

@@ -1,0 +1,134 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import dmq_fx
+from dmq_fx.calibration import CalibrationData, collect_calibration_data
+from dmq_fx.datasets import load_fashion_mnist
+from dmq_fx.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+
+STEPS, PER_STEP = 5, 6
+
+
+def ddim():
+    return DDIMScheduler(beta_schedule="squaredcos_cap_v2")
+
+
+@pytest.fixture(scope="module")
+def ddpm():
+    return build_unet(TINY_DDPM)
+
+
+@pytest.fixture(scope="module")
+def collected(ddpm):
+    return collect_calibration_data(
+        ddpm,
+        ddim(),
+        num_inference_steps=STEPS,
+        samples_per_step=PER_STEP,
+        batch_size=4,
+        seed=3,
+        progress=False,
+    )
+
+
+def test_fashion_mnist_loader():
+    x, y = load_fashion_mnist("train")
+    assert x.shape == (60000, 28, 28) and x.dtype == np.uint8
+    assert np.bincount(y).tolist() == [6000] * 10
+    xt, yt = load_fashion_mnist("test")
+    assert xt.shape == (10000, 28, 28) and np.bincount(yt).tolist() == [1000] * 10
+    assert x.max() == 255 and x.min() == 0
+    with pytest.raises(ValueError, match="split must be"):
+        load_fashion_mnist("val")
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        load_fashion_mnist("train", root="/nonexistent")
+
+
+def test_collector_records_every_sampler_step(collected):
+    expected = ddim()
+    expected.set_timesteps(STEPS)
+    assert collected.timesteps == expected.timesteps.tolist()
+    assert len(collected) == STEPS * PER_STEP
+    assert collected.sample.shape == (STEPS * PER_STEP, 3, 16, 16)
+    assert torch.bincount(collected.step_index).tolist() == [PER_STEP] * STEPS
+    for k, t in enumerate(collected.timesteps):
+        assert (collected.timestep[collected.step_index == k] == t).all()
+    # the first step's inputs are the initial noise of fresh trajectories
+    first = collected.sample[collected.step_index == 0]
+    assert abs(first.std().item() - 1.0) < 0.05 and abs(first.mean().item()) < 0.05
+    # later steps are denoised inputs, not noise
+    assert not torch.allclose(collected.sample[collected.step_index == 1], first)
+
+
+def test_collector_is_deterministic_and_seeded(ddpm, collected):
+    again = collect_calibration_data(
+        ddpm,
+        ddim(),
+        num_inference_steps=STEPS,
+        samples_per_step=PER_STEP,
+        batch_size=4,
+        seed=3,
+        progress=False,
+    )
+    assert torch.equal(again.sample, collected.sample)
+    other = collect_calibration_data(
+        ddpm,
+        ddim(),
+        num_inference_steps=STEPS,
+        samples_per_step=PER_STEP,
+        batch_size=4,
+        seed=4,
+        progress=False,
+    )
+    assert not torch.equal(other.sample, collected.sample)
+
+
+def test_collector_records_both_guidance_halves():
+    model = build_unet(TINY_SD)
+    prompts, empty = torch.randn(3, 7, 24), torch.zeros(1, 7, 24)
+    data = collect_calibration_data(
+        model,
+        ddim(),
+        num_inference_steps=3,
+        samples_per_step=4,
+        prompt_embeds=prompts,
+        negative_prompt_embeds=empty,
+        guidance_scale=7.5,
+        progress=False,
+    )
+    assert len(data) == 2 * 3 * 4
+    unc = data.unconditional
+    assert unc.sum() == len(data) // 2
+    assert (data.encoder_hidden_states[unc] == 0).all()
+    assert all(any(torch.equal(e, p) for p in prompts) for e in data.encoder_hidden_states[~unc])
+    # both halves of one UNet call see the same x_t
+    assert torch.equal(data.sample[unc], data.sample[~unc])
+    with pytest.raises(dmq_fx.ConfigError, match="needs prompt_embeds"):
+        collect_calibration_data(model, ddim(), guidance_scale=7.5, progress=False)
+
+
+def test_round_trip_and_wrong_file(tmp_path, collected):
+    path = tmp_path / "calib.safetensors"
+    collected.save(path)
+    loaded = CalibrationData.load(path)
+    assert torch.equal(loaded.sample, collected.sample)
+    assert torch.equal(loaded.timestep, collected.timestep)
+    assert loaded.encoder_hidden_states is None
+    from safetensors.torch import save_file
+
+    save_file({"sample": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(dmq_fx.CalibrationError, match="not a dmq_fx calibration file"):
+        CalibrationData.load(tmp_path / "other.safetensors")
+
+
+def test_collected_data_calibrates_a_prepared_unet(ddpm, collected):
+    args, kwargs = example_inputs(ddpm)
+    prepared = dmq_fx.prepare_fx(ddpm, dmq_fx.get_default_qconfig_mapping(4, 8), args, kwargs)
+    batches = list(collected.batches(8))
+    assert sum(b[0][0].shape[0] for b in batches) == len(collected)
+    assert len({int(t) for b in batches[:1] for t in b[0][1]}) > 1  # timesteps mixed
+    dmq_fx.calibrate(prepared, batches, progress=False)
+    fq = prepared.get_submodule("down_blocks.0.resnets.0.conv1_input_quant")
+    assert torch.isfinite(fq.scale).all() and float(fq.scale) > 0
