@@ -115,16 +115,16 @@ class _ValueProxy(fx.Proxy):
     def __len__(self) -> int:
         if isinstance(self.value, torch.Tensor):
             raise TraceError(
-                f"len() of the tensor '{self.node.name}' would fix its first dimension (usually "
-                f"the batch size) in the graph; use tensor.shape[0] instead"
+                f"{self.tracer.location()}: len() of the tensor '{self.node.name}' would fix its "
+                f"first dimension (usually the batch size) in the graph; use tensor.shape[0]"
             )
         return len(self.value)
 
     def __iter__(self):
         if isinstance(self.value, torch.Tensor):
             raise TraceError(
-                f"iterating over the tensor '{self.node.name}' would fix its first dimension "
-                f"(usually the batch size) in the graph; use tensor.unbind() instead"
+                f"{self.tracer.location()}: iterating over the tensor '{self.node.name}' would "
+                f"fix its first dimension (usually the batch size) in the graph; use unbind()"
             )
         return iter([self[i] for i in range(len(self.value))])
 
@@ -200,15 +200,19 @@ class ValueTracer(fx.Tracer):
             )
         return proxy
 
+    def location(self) -> str:
+        """The module being traced and the model's line now executing, as text."""
+        line = _model_line(traceback.extract_stack())
+        return f"module '{self.scope.module_path or '<root>'}' at {line}"
+
     def check_specialisable(self, proxy: _ValueProxy, what: str) -> None:
         """Raise TraceError if fixing ``proxy``'s value in the graph would depend on data."""
         if proxy.data_dependent or isinstance(proxy.value, torch.Tensor):
-            line = _model_line(traceback.extract_stack())
             raise TraceError(
-                f"module '{self.scope.module_path or '<root>'}' at {line}: {what} on the tensor "
-                f"values of '{proxy.node.name}' is Python control flow that depends on data, so "
-                f"a traced graph would be wrong for other inputs. Make the branch depend on "
-                f"shapes only (or use torch.where), or keep that module out of the trace."
+                f"{self.location()}: {what} on the tensor values of '{proxy.node.name}' is "
+                f"Python control flow that depends on data, so a traced graph would be wrong "
+                f"for other inputs. Make the branch depend on shapes only (or use torch.where), "
+                f"or keep that module out of the trace."
             )
 
     def _compute(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:

@@ -235,3 +235,14 @@ def test_traced_graph_retraces_with_torch_ao_prepare_fx():
     assert relative_max_error(ref, out) < 0.2  # mid_block in int8: close, not exact
     with pytest.raises(dmq_fx.InputMismatchError, match="traced for shape"):
         quantized(torch.randn(1, 3, 8, 8), 5)
+
+
+def test_len_of_a_tensor_is_refused_with_its_location():
+    class UsesLen(torch.nn.Module):
+        def forward(self, x):
+            return x * len(x)
+
+    with pytest.raises(
+        dmq_fx.TraceError, match=r"module '<root>' at .*test_tracing.py:\d+.*len\(\)"
+    ):
+        dmq_fx.trace(UsesLen(), (torch.randn(3, 4),))
