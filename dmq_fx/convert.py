@@ -11,6 +11,7 @@ from .annotate import LayerQuantSpec, quantized_layer_nodes
 from .errors import ConvertError
 from .passes import input_quantizer_name
 from .quantized_modules import (
+    INT16_MAX,
     QuantizedLayer,
     cpu_has_int8_dot_product,
     int16_pair_bound,
@@ -21,7 +22,6 @@ __all__ = ["BACKENDS", "convert_fx"]
 
 BACKENDS = ("reference", "x86", "onednn")
 _qd = torch.ops.quantized_decomposed
-_INT16_MAX = 32767
 
 
 def _integer_weights(layer: torch.nn.Module, spec: LayerQuantSpec):
@@ -51,7 +51,7 @@ def _choose_form(backend: str, weights, act_qparams, qmin: int, qmax: int) -> st
     if not cpu_has_int8_dot_product():
         for (w_int, _, zp), (_, _, _, act_qmax) in zip(weights, act_qparams):
             w8 = w_int.int() - zp.view(-1, *([1] * (w_int.dim() - 1)))
-            if int16_pair_bound(w8, act_qmax) > _INT16_MAX:
+            if int16_pair_bound(w8, act_qmax) > INT16_MAX:
                 return "reference"
     return "int8"
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 __all__ = ["QuantizedLayer", "cpu_has_int8_dot_product", "int16_pair_bound", "quantize_uint8"]
 
 _qd = torch.ops.quantized_decomposed
-_INT16_MAX = 32767
+#: Largest int16: AVX2 int8 kernels saturate pairs of u8 x s8 products above it.
+INT16_MAX = 32767
 
 
 def quantize_uint8(
