@@ -35,7 +35,8 @@ def _read_idx(path: Path, magic: int, ndim: int) -> np.ndarray:
     if header[0] != magic:
         raise ValueError(f"{path}: not an idx file of {ndim} dimension(s) (magic {header[0]:#x})")
     shape = tuple(int(d) for d in header[1:])
-    return np.frombuffer(data, np.uint8, offset=4 * (1 + ndim)).reshape(shape)
+    # a writable copy: frombuffer's view is read-only, which torch.from_numpy warns about
+    return np.frombuffer(data, np.uint8, offset=4 * (1 + ndim)).reshape(shape).copy()
 
 
 def load_fashion_mnist(

@@ -125,7 +125,7 @@ def load_fashion28(root: str | Path | None = None):
     from diffusers import DDPMScheduler, UNet2DModel
 
     folder = _folder("fashion28", root)
-    unet = UNet2DModel.from_pretrained(str(folder), local_files_only=True)
+    unet = UNet2DModel.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False)
     scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
     return unet.eval(), scheduler
 
@@ -136,7 +136,9 @@ def load_fashion16_text(root: str | Path | None = None):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     folder = _folder("fashion16_text", root)
-    unet = UNet2DConditionModel.from_pretrained(str(folder), local_files_only=True)
+    unet = UNet2DConditionModel.from_pretrained(
+        str(folder), local_files_only=True, low_cpu_mem_usage=False
+    )
     scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
     embeds = load_file(str(folder / "prompt_embeds.safetensors"))["prompt_embeds"]
     return unet.eval(), scheduler, embeds
