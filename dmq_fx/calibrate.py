@@ -69,13 +69,13 @@ def input_quantizers(gm: fx.GraphModule) -> list[FakeQuantizeBase]:
     return out
 
 
-def weight_quantizers(gm: fx.GraphModule) -> list[tuple[torch.nn.Module, FakeQuantizeBase]]:
-    """(layer, weight fake quantizer) pairs, one per input group, in graph order."""
-    out = []
-    for node in quantized_layer_nodes(gm):
-        layer = gm.get_submodule(node.target)
-        out += [(layer, fq) for fq in layer.parametrizations.weight[0].fake_quants]
-    return out
+def weight_quantizers(gm: fx.GraphModule) -> list[FakeQuantizeBase]:
+    """The weight fake quantizers, one per input group of each quantized layer, in graph order."""
+    return [
+        fq
+        for node in quantized_layer_nodes(gm)
+        for fq in gm.get_submodule(node.target).parametrizations.weight[0].fake_quants
+    ]
 
 
 def observe_activations(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
@@ -83,7 +83,7 @@ def observe_activations(gm: fx.GraphModule, batches: Sequence[Batch], progress: 
     for fq in input_quantizers(gm):
         fq.enable_observer()
         fq.disable_fake_quant()
-    for _, fq in weight_quantizers(gm):
+    for fq in weight_quantizers(gm):
         fq.disable_observer()
         fq.disable_fake_quant()
     with torch.no_grad():
@@ -115,7 +115,7 @@ DEFAULT_STAGES: tuple[str, ...] = ("observe_activations", "observe_weights")
 
 
 def _enable_simulation(gm: fx.GraphModule) -> None:
-    for fq in input_quantizers(gm) + [fq for _, fq in weight_quantizers(gm)]:
+    for fq in input_quantizers(gm) + weight_quantizers(gm):
         fq.disable_observer()
         fq.enable_fake_quant()
 

@@ -142,3 +142,38 @@ def load_fashion16_text(root: str | Path | None = None):
     scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"), local_files_only=True)
     embeds = load_file(str(folder / "prompt_embeds.safetensors"))["prompt_embeds"]
     return unet.eval(), scheduler, embeds
+
+
+@torch.no_grad()
+def sample_ddim(
+    unet,
+    train_scheduler,
+    n: int,
+    *,
+    steps: int = 20,
+    eta: float = 1.0,
+    seed: int = 0,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_embeds: torch.Tensor | None = None,
+    guidance: float = 1.0,
+) -> torch.Tensor:
+    """``n`` samples of a reference model with DDIM (``steps``, ``eta``), seeded; text models take
+    per-sample ``prompt_embeds`` (n, S, D) and, for guidance > 1, ``negative_embeds`` (S, D)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(train_scheduler.config)
+    scheduler.set_timesteps(steps)
+    g = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    x = torch.randn(n, unet.config.in_channels, size, size, generator=g)
+    for t in scheduler.timesteps:
+        if prompt_embeds is None:
+            eps = unet(x, t).sample
+        elif guidance > 1.0:
+            ctx = torch.cat([negative_embeds.expand(n, -1, -1), prompt_embeds])
+            eps_u, eps_c = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+        else:
+            eps = unet(x, t, encoder_hidden_states=prompt_embeds).sample
+        x = scheduler.step(eps, t, x, eta=eta, generator=g).prev_sample
+    return x.clamp(-1, 1)
