@@ -13,25 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import operator
 import statistics
 import time
-import warnings
 
 import torch
+from baselines import parse_bits, torchao_fx_quantize
 
 import dmq_fx
-from dmq_fx.qconfig import FLOAT_MODULE_NAME_REGEXES, FLOAT_MODULE_NAMES
 from dmq_fx.quantized_modules import QuantizedLayer, cpu_has_int8_dot_product
 from dmq_fx.unet_configs import DDPM_CIFAR10, build_unet, example_inputs
 
 
-def _parse_bits(bits: str) -> tuple[int, int]:
-    return int(bits[1 : bits.index("a")]), int(bits[bits.index("a") + 1 :])
-
-
 def dmq_fx_graph(model, bits: str, calib):
-    wb, ab = _parse_bits(bits)
+    wb, ab = parse_bits(bits)
     prepared = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(wb, ab), *calib[0])
     dmq_fx.calibrate(prepared, calib, progress=False)
     quant = dmq_fx.convert_fx(prepared, "x86")
@@ -40,27 +34,7 @@ def dmq_fx_graph(model, bits: str, calib):
 
 
 def torchao_fx_graph(model, calib):
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    graph = dmq_fx.trace(model, *calib[0])
-    mapping = get_default_qconfig_mapping("x86")
-    for name in FLOAT_MODULE_NAMES:  # the same float layers as dmq_fx
-        mapping.set_module_name(name, None)
-    for regex in FLOAT_MODULE_NAME_REGEXES:
-        mapping.set_module_name_regex(regex, None)
-    # Nodes of a pre-traced graph carry no module scope in torch.ao: the int64 timestep's
-    # multiply can only be kept off a (crashing) HistogramObserver by its type.
-    mapping.set_object_type(operator.mul, None).set_object_type(torch.mul, None)
-    with warnings.catch_warnings():
-        # torch.ao FX mode's deprecation notices: this row measures that API on purpose.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-        prepared = prepare_fx(graph, mapping, calib[0][0])
-        with torch.no_grad():
-            for args, kwargs in calib:
-                prepared(*args, **kwargs)
-        quant = convert_fx(prepared)
+    quant = torchao_fx_quantize(model, calib[0], calib)
     layers = sum(
         type(m).__module__.startswith("torch.ao.nn.quantized") and hasattr(m, "weight")
         for m in quant.modules()

@@ -7,6 +7,7 @@ loaders take that folder (or another one) and never reach a model hub.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,9 +18,11 @@ __all__ = [
     "MODELS_DIR",
     "FashionClassifier",
     "encode_prompts",
+    "guided_eps",
     "load_fashion16_text",
     "load_fashion28",
     "load_fashion_classifier",
+    "sample_ddim",
 ]
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "models"
@@ -144,6 +147,27 @@ def load_fashion16_text(root: str | Path | None = None):
     return unet.eval(), scheduler, embeds
 
 
+def guided_eps(
+    unet,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_embeds: torch.Tensor | None = None,
+    guidance: float = 1.0,
+) -> torch.Tensor:
+    """The noise prediction one DDIM step uses: unconditional, text-conditional, or
+    classifier-free guided (both halves in one batch, unconditional first)."""
+    if prompt_embeds is None:
+        return unet(x, t).sample
+    if guidance > 1.0:
+        n = x.shape[0]
+        ctx = torch.cat([negative_embeds.expand(n, -1, -1), prompt_embeds])
+        eps_u, eps_c = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample.chunk(2)
+        return eps_u + guidance * (eps_c - eps_u)
+    return unet(x, t, encoder_hidden_states=prompt_embeds).sample
+
+
 @torch.no_grad()
 def sample_ddim(
     unet,
@@ -156,24 +180,29 @@ def sample_ddim(
     prompt_embeds: torch.Tensor | None = None,
     negative_embeds: torch.Tensor | None = None,
     guidance: float = 1.0,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    sample_shape: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """``n`` samples of a reference model with DDIM (``steps``, ``eta``), seeded; text models take
-    per-sample ``prompt_embeds`` (n, S, D) and, for guidance > 1, ``negative_embeds`` (S, D)."""
+    per-sample ``prompt_embeds`` (n, S, D) and, for guidance > 1, ``negative_embeds`` (S, D).
+
+    ``on_step(step_index, t, x_t, eps)``, if given, sees every step's input and prediction (the
+    quality benchmark compares a quantized model's prediction on the same ``x_t`` there).
+    ``sample_shape`` (C, H, W) defaults to the UNet's config; give it for a quantized graph.
+    """
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(train_scheduler.config)
     scheduler.set_timesteps(steps)
     g = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
-    x = torch.randn(n, unet.config.in_channels, size, size, generator=g)
-    for t in scheduler.timesteps:
-        if prompt_embeds is None:
-            eps = unet(x, t).sample
-        elif guidance > 1.0:
-            ctx = torch.cat([negative_embeds.expand(n, -1, -1), prompt_embeds])
-            eps_u, eps_c = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample.chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-        else:
-            eps = unet(x, t, encoder_hidden_states=prompt_embeds).sample
+    if sample_shape is None:
+        size = unet.config.sample_size
+        sample_shape = (unet.config.in_channels, size, size)
+    x = torch.randn(n, *sample_shape, generator=g)
+    cond = dict(prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, guidance=guidance)
+    for i, t in enumerate(scheduler.timesteps):
+        eps = guided_eps(unet, x, t, **cond)
+        if on_step is not None:
+            on_step(i, t, x, eps)
         x = scheduler.step(eps, t, x, eta=eta, generator=g).prev_sample
     return x.clamp(-1, 1)

@@ -1,0 +1,287 @@
+"""Side-by-side quality of PTQ methods on the committed reference models.
+
+    python benchmarks/quality.py [--quick] [--models fashion28 fashion16-text]
+                                 [--bits w8a8 w4a8 w4a6] [--methods fp minmax ...] [--n N]
+
+For each model, bit setting and method, one row:
+- fid: Frechet distance of N generated samples (20-step DDIM, eta 1, fixed seeds) to N
+  Fashion-MNIST test images in EfficientNet-Lite0 features; fd_clf: the same in the domain
+  classifier's features; fid_real / fd_clf_real: two disjoint real sets of the same N, for scale;
+- eps_sqnr_db: mean over the 20 steps of the per-step SQNR (dB) of the quantized model's noise
+  prediction against the FP model's, on the FP model's own trajectories;
+- psnr_db: PSNR of each quantized sample against the FP sample from the same noise (mean);
+- label_agree: share of samples the classifier labels as it labels the FP sample;
+- class_acc: (text model) share of samples classified as the prompted class;
+- calib_s: wall time of prepare + calibrate + convert (calibration data collection excluded,
+  it is shared by all methods and printed once per model).
+Methods: fp; torchao-fx (torch.ao's own FX PTQ, x86 default qconfig, W8A8 only: its convert
+cannot keep 4-bit or 6-bit ranges); minmax (dmq_fx min-max PTQ: MSE-searched weights, moving-
+average min/max activations); smoothquant (fixed alpha 0.5, then min-max, same lowering); les
+(learned equivalent scaling, then min-max). Every dmq_fx row runs the x86 lowering.
+--quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
+sense there); the full run (1000 samples, 32 per step) makes README's table. The last line printed
+is JSON: a list of rows {"model", "bits", "method", "fid", "eps_sqnr_db", "psnr_db", "class_acc",
+"calib_s", ...} (null where a field does not apply).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from baselines import parse_bits, torchao_fx_quantize
+from diffusers import DDIMScheduler
+
+import dmq_fx
+from dmq_fx.calibration import CalibrationData, collect_calibration_data
+from dmq_fx.datasets import load_fashion_mnist
+from dmq_fx.evaluation import (
+    ClassifierFeatures,
+    EfficientNetLite0Features,
+    EpsSQNRProbe,
+    frechet_distance,
+    psnr_db,
+)
+from dmq_fx.reference_models import (
+    guided_eps,
+    load_fashion16_text,
+    load_fashion28,
+    load_fashion_classifier,
+    sample_ddim,
+)
+
+STEPS = 20
+GUIDANCE = 4.0  # the text model's guidance scale (benchmarks/reference_models.py uses it too)
+
+
+@dataclass
+class ReferenceModel:
+    name: str
+    unet: torch.nn.Module
+    scheduler: object
+    #: keyword arguments of sample_ddim / guided_eps for n samples
+    conditioning: Callable[[int], dict] = lambda n: {}
+    labels: Callable[[int], torch.Tensor | None] = lambda n: None
+    collect_kwargs: dict = field(default_factory=dict)
+
+
+def reference_models(names: list[str]) -> list[ReferenceModel]:
+    out = []
+    for name in names:
+        if name == "fashion28":
+            unet, sched = load_fashion28()
+            out.append(ReferenceModel(name, unet, sched))
+        elif name == "fashion16-text":
+            unet, sched, embeds = load_fashion16_text()
+
+            def labels(n):
+                return torch.arange(n) % 10
+
+            def conditioning(n, embeds=embeds, labels=labels):
+                return dict(
+                    prompt_embeds=embeds[labels(n)], negative_embeds=embeds[10], guidance=GUIDANCE
+                )
+
+            collect = dict(
+                prompt_embeds=embeds[:10],
+                negative_prompt_embeds=embeds[10:],
+                guidance_scale=GUIDANCE,
+            )
+            out.append(ReferenceModel(name, unet, sched, conditioning, labels, collect))
+        else:
+            raise SystemExit(f"unknown model {name!r}: fashion28, fashion16-text")
+    return out
+
+
+# -- methods: (float unet, bits, calibration data) -> quantized graph ------------------------------
+def _dmq_fx(stages):
+    def build(unet, bits, calib: CalibrationData, prepare_kwargs=None):
+        wb, ab = parse_bits(bits)
+        example = next(calib.batches(8, shuffle=False))
+        prepared = dmq_fx.prepare_fx(
+            unet, dmq_fx.get_default_qconfig_mapping(wb, ab), *example, **(prepare_kwargs or {})
+        )
+        dmq_fx.calibrate(prepared, list(calib.batches(32, seed=0)), stages, progress=False)
+        return dmq_fx.convert_fx(prepared, "x86")
+
+    return build
+
+
+def _torchao_fx(unet, bits, calib: CalibrationData):
+    if bits != "w8a8":
+        return None  # torch.ao's convert_fx clamps custom ranges to 8 bits (FINDINGS)
+    return torchao_fx_quantize(
+        unet, next(calib.batches(8, shuffle=False)), list(calib.batches(32, seed=0))
+    )
+
+
+METHODS: dict[str, Callable | None] = {
+    "fp": None,
+    "torchao-fx": _torchao_fx,
+    "minmax": _dmq_fx(dmq_fx.DEFAULT_STAGES),
+}
+
+
+# -- measuring ------------------------------------------------------------------------------------
+def real_images(n: int, size: int, offset: int = 0) -> torch.Tensor:
+    images, _ = load_fashion_mnist("test")
+    x = torch.from_numpy(images[offset : offset + n]).float().div(127.5).sub(1).unsqueeze(1)
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=size, mode="area")
+    return x
+
+
+def _slice(cond: dict, start: int, stop: int) -> dict:
+    return {k: (v[start:stop] if k == "prompt_embeds" else v) for k, v in cond.items()}
+
+
+def sample_batches(unet, ref: ReferenceModel, n: int, batch: int, shape, trajectory=None):
+    """n samples in batches (batch b uses seed b + 1); ``trajectory`` collects (t, x_t, eps)."""
+    cond, out = ref.conditioning(n), []
+    for start in range(0, n, batch):
+        stop = min(n, start + batch)
+        steps: list = []
+
+        def record(i, t, x, eps, steps=steps):
+            steps.append((t, x, eps))
+
+        out.append(
+            sample_ddim(
+                unet,
+                ref.scheduler,
+                stop - start,
+                steps=STEPS,
+                seed=start + 1,
+                sample_shape=shape,
+                on_step=None
+                if trajectory is None
+                else lambda i, t, x, e, s=steps: s.append((t, x, e)),
+                **_slice(cond, start, stop),
+            )
+        )
+        if trajectory is not None:
+            trajectory.append((start, stop, steps))
+    return torch.cat(out)
+
+
+def evaluate(ref, q_unet, fp, args, feats, clf, real) -> dict:
+    """Metrics of ``q_unet`` (None: the FP model) against the FP samples and trajectories."""
+    fp_samples, trajectory = fp
+    n, shape = len(fp_samples), tuple(fp_samples.shape[1:])
+    probe = None
+    if q_unet is None:
+        samples = fp_samples
+    else:
+        samples = sample_batches(q_unet, ref, n, args.batch, shape)
+        cond = ref.conditioning(n)
+        probe = EpsSQNRProbe()
+        with torch.no_grad():
+            for start, stop, steps in trajectory:
+                c = _slice(cond, start, stop)
+                for i, (t, x, eps) in enumerate(steps):
+                    probe.add(i, eps, guided_eps(q_unet, x, t, **c))
+
+    def classify(x):
+        with torch.no_grad():
+            return clf(F.interpolate(x, size=28, mode="bilinear") if x.shape[-1] != 28 else x)
+
+    pred, fp_pred, labels = classify(samples).argmax(1), classify(fp_samples).argmax(1), None
+    labels = ref.labels(n)
+    return {
+        "fid": round(frechet_distance(real, samples, feats), 2),
+        "fd_clf": round(frechet_distance(real, samples, ClassifierFeatures(clf)), 3),
+        "eps_sqnr_db": None if probe is None else round(probe.mean_db, 2),
+        "psnr_db": None if probe is None else round(psnr_db(fp_samples, samples), 2),
+        "label_agree": None if probe is None else round((pred == fp_pred).float().mean().item(), 3),
+        "class_acc": None if labels is None else round((pred == labels).float().mean().item(), 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="CI-sized run (paired metrics)")
+    ap.add_argument("--models", nargs="+", default=["fashion28", "fashion16-text"])
+    ap.add_argument("--bits", nargs="+", default=["w8a8", "w4a8", "w4a6"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--n", type=int, help="generated samples (default 1000, quick 32)")
+    ap.add_argument("--per-step", type=int, help="calibration samples per step (32, quick 4)")
+    ap.add_argument("--batch", type=int, default=250)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    for m in args.methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; known: {', '.join(METHODS)}")
+    for b in args.bits:
+        parse_bits(b)
+    n = args.n or (32 if args.quick else 1000)
+    per_step = args.per_step or (4 if args.quick else 32)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    feats, clf = EfficientNetLite0Features(), load_fashion_classifier()
+    rows = []
+    for ref in reference_models(args.models):
+        shape = (ref.unet.config.in_channels, *[ref.unet.config.sample_size] * 2)
+        real = real_images(n, shape[-1])
+        real_other = real_images(n, shape[-1], offset=5000)
+        t = time.perf_counter()
+        calib = collect_calibration_data(
+            ref.unet,
+            DDIMScheduler.from_config(ref.scheduler.config),
+            num_inference_steps=STEPS,
+            samples_per_step=per_step,
+            seed=0,
+            progress=False,
+            **ref.collect_kwargs,
+        )
+        print(f"{ref.name}: {len(calib)} calibration samples in {time.perf_counter() - t:.0f} s")
+        trajectory: list = []
+        fp_samples = sample_batches(ref.unet, ref, n, args.batch, shape, trajectory)
+        scale = {
+            "fid_real": round(frechet_distance(real, real_other, feats), 2),
+            "fd_clf_real": round(frechet_distance(real, real_other, ClassifierFeatures(clf)), 3),
+        }
+        for method in args.methods:
+            for bits in ["fp"] if method == "fp" else args.bits:
+                q_unet, calib_s = None, None
+                if method != "fp":
+                    t = time.perf_counter()
+                    q_unet = METHODS[method](ref.unet, bits, calib)
+                    calib_s = round(time.perf_counter() - t, 1)
+                    if q_unet is None:
+                        continue
+                row = {"model": ref.name, "bits": bits, "method": method}
+                row.update(evaluate(ref, q_unet, (fp_samples, trajectory), args, feats, clf, real))
+                row.update(calib_s=calib_s, n=n, **scale)
+                print(row, flush=True)
+                rows.append(row)
+    print_table(rows)
+    print(json.dumps(rows))
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["model", "bits", "method", "fid", "fd_clf", "eps_sqnr_db", "psnr_db", "label_agree"]
+    cols += ["class_acc", "calib_s"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(
+                ""
+                if v is None
+                else str(v)
+                if not isinstance(v, float) or math.isfinite(v)
+                else "inf"
+            )
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
