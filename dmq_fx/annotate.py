@@ -44,8 +44,11 @@ class LayerQuantSpec:
     #: input channel count of each group with its own activation and weight quantizers: one
     #: group, or one per input of a skip concatenation (Q-Diffusion's shortcut split).
     input_groups: tuple[int, ...]
-    #: DMQ rewrites applied to the layer, shown by summary() ("split", later "les", "pts").
+    #: DMQ rewrites applied to the layer, shown by summary() ("split", "les", later "pts").
     rewrites: list[str] = field(default_factory=list)
+    #: with LES: the layer that owns this layer's ``tau`` (layers reading the same tensor, such
+    #: as q, k and v, share one so that 1/tau can fold into the norm before them).
+    les_owner: str | None = None
 
 
 def make_fake_quantize(ctor) -> FakeQuantizeBase:
@@ -106,7 +109,11 @@ def quantized_layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def annotate_quantization(
-    gm: fx.GraphModule, qconfig_mapping: QConfigMapping, *, split_concat_inputs: bool = True
+    gm: fx.GraphModule,
+    qconfig_mapping: QConfigMapping,
+    *,
+    split_concat_inputs: bool = True,
+    les: bool = False,
 ) -> fx.GraphModule:
     """Record a :class:`LayerQuantSpec` on every Conv2d / Linear node that is quantized.
 
@@ -114,7 +121,10 @@ def annotate_quantization(
     is a floating-point tensor: integer tensors (the timestep) never reach an observer. A Conv2d
     whose input is a channel concatenation gets one input group per concatenated tensor when
     ``split_concat_inputs`` is set, so each input of a skip concatenation has its own observer.
+    With ``les`` every quantized layer gets Learned Equivalent Scaling; layers reading the same
+    tensor share one ``tau``, owned by the first of them (``LayerQuantSpec.les_owner``).
     """
+    les_owners: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
@@ -151,5 +161,6 @@ def annotate_quantization(
             act_bits=_bits(act.quant_min, act.quant_max),
             input_groups=groups,
             rewrites=rewrites,
+            les_owner=les_owners.setdefault(inp, node.target) if les else None,
         )
     return gm

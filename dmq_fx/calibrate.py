@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .annotate import quantized_layer_nodes
 from .errors import CalibrationError, ConfigError
-from .passes import input_quantizer_name
+from .passes import input_quantizer_name, weight_before_quantization, weight_quantizer
 
 __all__ = [
     "DEFAULT_STAGES",
@@ -74,7 +74,7 @@ def weight_quantizers(gm: fx.GraphModule) -> list[FakeQuantizeBase]:
     return [
         fq
         for node in quantized_layer_nodes(gm)
-        for fq in gm.get_submodule(node.target).parametrizations.weight[0].fake_quants
+        for fq in weight_quantizer(gm.get_submodule(node.target)).fake_quants
     ]
 
 
@@ -97,8 +97,8 @@ def observe_weights(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool
     with torch.no_grad():
         for node in tqdm(nodes, desc="observe weights", disable=not progress):
             layer = gm.get_submodule(node.target)
-            grouped = layer.parametrizations.weight[0]
-            parts = torch.split(layer.parametrizations.weight.original, grouped.split_sizes, dim=1)
+            grouped = weight_quantizer(layer)
+            parts = grouped.split(weight_before_quantization(layer))
             for fq, part in zip(grouped.fake_quants, parts):
                 fq.enable_observer()
                 fq.disable_fake_quant()

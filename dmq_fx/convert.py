@@ -9,7 +9,13 @@ from torch import fx
 
 from .annotate import LayerQuantSpec, quantized_layer_nodes
 from .errors import ConvertError
-from .passes import input_quantizer_name
+from .passes import (
+    LESScale,
+    input_quantizer_name,
+    les_scale_name,
+    weight_before_quantization,
+    weight_quantizer,
+)
 from .quantized_modules import (
     INT16_MAX,
     QuantizedLayer,
@@ -26,10 +32,10 @@ _qd = torch.ops.quantized_decomposed
 
 def _integer_weights(layer: torch.nn.Module, spec: LayerQuantSpec):
     """Per input group: (integer weight, per-channel scale, per-channel zero point), qmin, qmax."""
-    grouped = layer.parametrizations.weight[0]
-    weight = layer.parametrizations.weight.original.detach()
+    grouped = weight_quantizer(layer)
+    weight = weight_before_quantization(layer).detach()
     out = []
-    for fq, part in zip(grouped.fake_quants, torch.split(weight, spec.input_groups, dim=1)):
+    for fq, part in zip(grouped.fake_quants, grouped.split(weight)):
         scale = fq.scale.detach().float().reshape(-1).expand(part.shape[0]).contiguous()
         zp = fq.zero_point.detach().int().reshape(-1).expand(part.shape[0]).contiguous()
         dtype = torch.uint8 if fq.quant_min >= 0 else torch.int8
@@ -39,6 +45,103 @@ def _integer_weights(layer: torch.nn.Module, spec: LayerQuantSpec):
         out.append((w_int, scale, zp))
     fq0 = grouped.fake_quants[0]
     return out, fq0.quant_min, fq0.quant_max
+
+
+def _is_les(gm: fx.GraphModule, node) -> bool:
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_module"
+        and isinstance(gm.get_submodule(node.target), LESScale)
+    )
+
+
+def _add_constant(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
+    parent, _, leaf = name.rpartition(".")
+    gm.get_submodule(parent).register_buffer(leaf, value)
+    return gm.graph.get_attr(name)
+
+
+def _quantize_node(gm, x: fx.Node, qparams, form: str, layer_node: fx.Node, suffix: str):
+    """The node quantizing a layer input ``x`` to uint8 with ``qparams`` (s, z, qmin, qmax).
+
+    With LES, ``x`` is the division ``x0 / tau``: the division merges into the quantize step, as
+    ``quantize_per_channel(x0, tau * s, z)``; its integers are those of ``x0 / tau`` quantized per
+    tensor with step ``s`` (up to float rounding at .5 ties), so the kernel takes them with the
+    per-tensor ``(s, z)`` and the weights ``tau * W``.
+    """
+    s, z, amin, amax = qparams
+    name = f"{layer_node.name}_input_q{suffix}"
+    graph = gm.graph
+    if _is_les(gm, x):
+        les = gm.get_submodule(x.target)
+        x0, offset = x.args[0], (x.args[1] if len(x.args) > 1 else 0)
+        rank = len(x0.meta["tensor_meta"].shape)
+        axis = les.channel_axis % rank
+        channels = x0.meta["tensor_meta"].shape[axis]
+        tau = les.tau.detach().float()[offset : offset + channels]
+        steps = _add_constant(gm, f"{layer_node.target}_input_steps{suffix}", tau * s)
+        zps = _add_constant(
+            gm, f"{layer_node.target}_input_zero_points{suffix}", torch.full_like(tau, z).int()
+        )
+        return graph.create_node(
+            "call_function",
+            _qd.quantize_per_channel.default,
+            (x0, steps, zps, axis, amin, amax, torch.uint8),
+            name=name,
+        )
+    if form == "int8":
+        return graph.create_node("call_function", quantize_uint8, (x, s, z, amin, amax), name=name)
+    return graph.create_node(
+        "call_function",
+        _qd.quantize_per_tensor.default,
+        (x, s, z, amin, amax, torch.uint8),
+        name=name,
+    )
+
+
+def _foldable_norm(gm: fx.GraphModule, les_node: fx.Node) -> torch.nn.Module | None:
+    """The norm whose affine can absorb ``les_node``'s 1/tau exactly, if there is one.
+
+    That is a GroupNorm (channel axis 1) or a LayerNorm over the last axis, with an affine,
+    called once in the graph, whose output only feeds this LES division (not split).
+    """
+    les = gm.get_submodule(les_node.target)
+    if len(les_node.args) != 1:
+        return None
+    src = les_node.args[0]
+    if src.op != "call_module" or len(src.users) != 1:
+        return None
+    norm = gm.get_submodule(src.target)
+    if isinstance(norm, torch.nn.GroupNorm):
+        ok = les.channel_axis == 1 and norm.affine
+    elif isinstance(norm, torch.nn.LayerNorm):
+        ok = (
+            les.channel_axis == -1
+            and norm.elementwise_affine
+            and norm.bias is not None
+            and tuple(norm.normalized_shape) == (les.tau.numel(),)
+        )
+    else:
+        return None
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == src.target]
+    return norm if ok and len(calls) == 1 else None
+
+
+def _fold_les_into_norms(gm: fx.GraphModule) -> None:
+    """Fold 1/tau into the norm before an LES division where that is exact (GroupNorm ->
+    proj_in, LayerNorm -> q/k/v); the other divisions merge into their quantize steps."""
+    for node in list(gm.graph.nodes):
+        if not _is_les(gm, node):
+            continue
+        norm = _foldable_norm(gm, node)
+        if norm is None:
+            continue
+        tau = gm.get_submodule(node.target).tau.detach()
+        with torch.no_grad():
+            norm.weight.div_(tau.to(norm.weight.dtype))
+            norm.bias.div_(tau.to(norm.bias.dtype))
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
 
 
 def _choose_form(backend: str, weights, act_qparams, qmin: int, qmax: int) -> str:
@@ -85,6 +188,8 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
     gm = copy.deepcopy(prepared)
     gm.meta = copy.deepcopy(prepared.meta)
     graph = gm.graph
+    les_owners = {n.meta["dmq_fx"].les_owner for n in quantized_layer_nodes(gm)} - {None}
+    _fold_les_into_norms(gm)
     for node in quantized_layer_nodes(gm):
         spec: LayerQuantSpec = node.meta["dmq_fx"]
         layer = gm.get_submodule(node.target)
@@ -97,41 +202,35 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
             act_qparams.append(
                 (float(fq.scale), int(fq.zero_point), int(fq.quant_min), int(fq.quant_max))
             )
+        if "les" in spec.rewrites:  # the division is still there, or it went into the norm
+            les_form = "les:step" if _is_les(gm, quant_nodes[0].args[0]) else "les:norm"
+            spec.rewrites = [les_form if r == "les" else r for r in spec.rewrites]
         weights, qmin, qmax = _integer_weights(layer, spec)
         form = _choose_form(backend, weights, act_qparams, qmin, qmax)
         new_inputs = []
         with graph.inserting_before(node):
             for g, (qnode, (s, z, amin, amax)) in enumerate(zip(quant_nodes, act_qparams)):
-                x = qnode.args[0]
                 suffix = f"_{g}" if n_groups > 1 else ""
+                q = _quantize_node(gm, qnode.args[0], (s, z, amin, amax), form, node, suffix)
                 if form == "int8":
-                    q = graph.create_node(
-                        "call_function",
-                        quantize_uint8,
-                        (x, s, z, amin, amax),
-                        name=f"{node.name}_input_q{suffix}",
-                    )
                     new_inputs.append(q)
                 else:
-                    args = (s, z, amin, amax, torch.uint8)
-                    q = graph.create_node(
-                        "call_function",
-                        _qd.quantize_per_tensor.default,
-                        (x, *args),
-                        name=f"{node.name}_input_q{suffix}",
-                    )
                     new_inputs.append(
                         graph.create_node(
                             "call_function",
                             _qd.dequantize_per_tensor.default,
-                            (q, *args),
+                            (q, s, z, amin, amax, torch.uint8),
                             name=f"{node.name}_input_dq{suffix}",
                         )
                     )
         node.args = tuple(new_inputs)
         for dead in ([cat] if cat is not None else []) + quant_nodes:
+            les_inputs = [a for a in dead.args if _is_les(gm, a)]
             if not dead.users:
                 graph.erase_node(dead)
+            for les_node in les_inputs:
+                if not les_node.users:
+                    graph.erase_node(les_node)
         for g in range(n_groups):
             gm.delete_submodule(input_quantizer_name(node.target, g, n_groups))
         gm.add_submodule(
@@ -148,6 +247,8 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
                 spec.module_type,
             ),
         )
+    for owner in les_owners:
+        gm.delete_submodule(les_scale_name(owner))
     graph.lint()
     gm.recompile()
     gm.meta["dmq_fx"]["state"] = "converted"

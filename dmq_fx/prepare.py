@@ -12,7 +12,7 @@ from torch.ao.quantization import QConfigMapping
 
 from .annotate import annotate_quantization
 from .errors import ConfigError
-from .passes import insert_quantizers
+from .passes import insert_les_scales, insert_quantizers
 from .tracing import trace
 
 __all__ = ["prepare_fx"]
@@ -25,6 +25,7 @@ def prepare_fx(
     example_kwargs: Mapping[str, Any] | None = None,
     *,
     split_concat_inputs: bool = True,
+    les: bool = False,
 ) -> fx.GraphModule:
     """Prepare ``model`` for post-training quantization, like torch.ao's ``prepare_fx``.
 
@@ -33,6 +34,10 @@ def prepare_fx(
     quantized and how (from ``qconfig_mapping``, torch.ao semantics), and inserts torch.ao
     FakeQuantize modules on their inputs and weights. The result observes activations when run;
     :func:`dmq_fx.calibrate` drives it. ``model`` is not modified.
+
+    ``split_concat_inputs``: separate quantizers for each input of a skip concatenation
+    (Q-Diffusion's shortcut split). ``les``: insert Learned Equivalent Scaling nodes (``tau = 1``,
+    learned by the ``learn_les`` calibration stage or set by ``smoothquant``).
     """
     if isinstance(qconfig_mapping, dict):
         qconfig_mapping = QConfigMapping.from_dict(qconfig_mapping)
@@ -52,8 +57,10 @@ def prepare_fx(
         gm.meta = copy.deepcopy(model.meta)
     else:
         gm = trace(model, example_inputs, example_kwargs)
-    annotate_quantization(gm, qconfig_mapping, split_concat_inputs=split_concat_inputs)
+    annotate_quantization(gm, qconfig_mapping, split_concat_inputs=split_concat_inputs, les=les)
     insert_quantizers(gm)
+    if les:
+        insert_les_scales(gm)
     gm.meta["dmq_fx"]["state"] = "prepared"
     gm.meta["dmq_fx"]["stages_run"] = []
     return gm

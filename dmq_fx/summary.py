@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from .annotate import LayerQuantSpec, quantized_layer_nodes
-from .passes import input_quantizer_name
+from .passes import input_quantizer_name, weight_quantizer
 from .quantized_modules import QuantizedLayer
 
 __all__ = ["QuantSummary", "summary"]
@@ -75,11 +75,7 @@ def summary(gm: fx.GraphModule, print_table: bool = False) -> QuantSummary:
             calibrated = state == "calibrated"
             act = [(float(fq.scale), int(fq.zero_point)) for fq in fqs] if calibrated else []
             w_scales = (
-                [
-                    float(v)
-                    for fq in mod.parametrizations.weight[0].fake_quants
-                    for v in fq.scale.reshape(-1)
-                ]
+                [float(v) for fq in weight_quantizer(mod).fake_quants for v in fq.scale.reshape(-1)]
                 if calibrated
                 else []
             )

@@ -4,6 +4,30 @@ Each pass is a function ``GraphModule -> GraphModule`` that reads the ``node.met
 annotations written by :func:`dmq_fx.annotate.annotate_quantization`.
 """
 
-from .insert_quantizers import GroupedWeightFakeQuantize, input_quantizer_name, insert_quantizers
+from .insert_les_scales import (
+    LESScale,
+    ScaleWeightInputChannels,
+    insert_les_scales,
+    les_scale_name,
+    les_units,
+)
+from .insert_quantizers import (
+    GroupedWeightFakeQuantize,
+    input_quantizer_name,
+    insert_quantizers,
+    weight_before_quantization,
+    weight_quantizer,
+)
 
-__all__ = ["GroupedWeightFakeQuantize", "input_quantizer_name", "insert_quantizers"]
+__all__ = [
+    "GroupedWeightFakeQuantize",
+    "LESScale",
+    "ScaleWeightInputChannels",
+    "input_quantizer_name",
+    "insert_les_scales",
+    "insert_quantizers",
+    "les_scale_name",
+    "les_units",
+    "weight_before_quantization",
+    "weight_quantizer",
+]

@@ -9,7 +9,13 @@ from torch.nn.utils import parametrize
 
 from dmq_fx.annotate import LayerQuantSpec, make_fake_quantize, quantized_layer_nodes
 
-__all__ = ["GroupedWeightFakeQuantize", "insert_quantizers", "input_quantizer_name"]
+__all__ = [
+    "GroupedWeightFakeQuantize",
+    "insert_quantizers",
+    "input_quantizer_name",
+    "weight_before_quantization",
+    "weight_quantizer",
+]
 
 
 class GroupedWeightFakeQuantize(torch.nn.Module):
@@ -24,11 +30,34 @@ class GroupedWeightFakeQuantize(torch.nn.Module):
         self.fake_quants = torch.nn.ModuleList(fake_quants)
         self.split_sizes = tuple(split_sizes)
 
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+    def split(self, weight: torch.Tensor) -> list[torch.Tensor]:
+        """``weight`` cut into the groups' input channels (whole for one group: also grouped
+        convs, whose weight axis 1 is ``C_in / groups``)."""
         if len(self.fake_quants) == 1:
-            return self.fake_quants[0](weight)
-        parts = torch.split(weight, self.split_sizes, dim=1)
-        return torch.cat([fq(p) for fq, p in zip(self.fake_quants, parts)], dim=1)
+            return [weight]
+        return list(torch.split(weight, self.split_sizes, dim=1))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        parts = [fq(p) for fq, p in zip(self.fake_quants, self.split(weight))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def weight_quantizer(layer: torch.nn.Module) -> GroupedWeightFakeQuantize:
+    """The weight quantizer of a prepared layer: the last of its weight parametrizations."""
+    quantizer = layer.parametrizations.weight[-1]
+    if not isinstance(quantizer, GroupedWeightFakeQuantize):
+        raise TypeError(f"{type(layer).__name__} has no dmq_fx weight quantizer")
+    return quantizer
+
+
+def weight_before_quantization(layer: torch.nn.Module) -> torch.Tensor:
+    """The weight the quantizer sees: the original weight through every parametrization before
+    the quantizer (``tau * W`` with LES)."""
+    chain = layer.parametrizations.weight
+    weight = chain.original
+    for module in list(chain)[:-1]:
+        weight = module(weight)
+    return weight
 
 
 def input_quantizer_name(layer_target: str, group: int, num_groups: int) -> str:

@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import calibration_data
+from dmq_fx.passes import weight_quantizer
 
 import dmq_fx
 from dmq_fx.unet_configs import TINY_DDPM, build_unet, example_inputs
@@ -42,7 +43,7 @@ def test_calibrated_graph_simulates_quantization_exactly():
         return (torch.clamp(torch.round(x / s) + z, 0, 63) - z) * s
 
     def fq_weight(layer):
-        fq = prepared.get_submodule(layer).parametrizations.weight[0].fake_quants[0]
+        fq = weight_quantizer(prepared.get_submodule(layer)).fake_quants[0]
         s, z = fq.scale.view(-1, 1), fq.zero_point.view(-1, 1).float()
         w = model.get_submodule(layer).weight
         return (torch.clamp(torch.round(w / s) + z, 0, 15) - z) * s
