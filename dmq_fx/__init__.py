@@ -4,8 +4,8 @@ The workflow mirrors torch.ao's: ``trace`` (optional), ``prepare_fx``, ``calibra
 ``convert_fx``, then ``summary`` to inspect the result.
 """
 
-from . import calibration, datasets
-from .calibrate import DEFAULT_STAGES, STAGES, calibrate
+from . import calibration, datasets, les
+from .calibrate import DEFAULT_STAGES, PRESETS, STAGES, calibrate
 from .convert import BACKENDS, convert_fx
 from .errors import (
     CalibrationError,
@@ -15,6 +15,7 @@ from .errors import (
     InputMismatchError,
     TraceError,
 )
+from .les import LearnLES, SmoothQuantScales
 from .prepare import prepare_fx
 from .qconfig import get_default_qconfig, get_default_qconfig_mapping
 from .summary import QuantSummary, summary
@@ -25,16 +26,20 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "DEFAULT_STAGES",
+    "PRESETS",
     "STAGES",
     "CalibrationError",
     "ConfigError",
     "ConvertError",
     "DMQError",
     "InputMismatchError",
+    "LearnLES",
+    "SmoothQuantScales",
     "TraceError",
     "calibrate",
     "calibration",
     "datasets",
+    "les",
     "convert_fx",
     "get_default_qconfig",
     "get_default_qconfig_mapping",

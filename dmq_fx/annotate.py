@@ -49,6 +49,8 @@ class LayerQuantSpec:
     #: with LES: the layer that owns this layer's ``tau`` (layers reading the same tensor, such
     #: as q, k and v, share one so that 1/tau can fold into the norm before them).
     les_owner: str | None = None
+    #: (min, max) of tau, recorded by convert_fx when it folds tau away (for summary()).
+    les_tau: tuple[float, float] | None = None
 
 
 def make_fake_quantize(ctor) -> FakeQuantizeBase:

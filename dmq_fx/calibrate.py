@@ -1,7 +1,8 @@
 """``calibrate``: an ordered list of named stages run on a prepared graph.
 
 A stage is a callable ``stage(prepared, batches, progress)``; ``STAGES`` maps names to stages, and
-a preset is a list of names. Later methods (LES, PTS, reconstruction) add stages here.
+a preset (``PRESETS``) is a list of names. Method modules (``dmq_fx.les``, ...) add their stages
+and presets to these registries when imported (``import dmq_fx`` imports them all).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .passes import input_quantizer_name, weight_before_quantization, weight_qua
 
 __all__ = [
     "DEFAULT_STAGES",
+    "PRESETS",
     "STAGES",
     "Batch",
     "calibrate",
@@ -112,6 +114,9 @@ STAGES: dict[str, Stage] = {
 }
 #: min-max PTQ: activation ranges from the data, weight ranges by MSE grid search.
 DEFAULT_STAGES: tuple[str, ...] = ("observe_activations", "observe_weights")
+#: Named stage lists; dmq_fx.les adds "smoothquant", "les", "les-paper" (graphs prepared with
+#: ``les=True``).
+PRESETS: dict[str, tuple[str, ...]] = {"minmax": DEFAULT_STAGES}
 
 
 def _enable_simulation(gm: fx.GraphModule) -> None:

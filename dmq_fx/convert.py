@@ -205,6 +205,8 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
         if "les" in spec.rewrites:  # the division is still there, or it went into the norm
             les_form = "les:step" if _is_les(gm, quant_nodes[0].args[0]) else "les:norm"
             spec.rewrites = [les_form if r == "les" else r for r in spec.rewrites]
+            tau = gm.get_submodule(les_scale_name(spec.les_owner)).tau.detach()
+            spec.les_tau = (float(tau.min()), float(tau.max()))
         weights, qmin, qmax = _integer_weights(layer, spec)
         form = _choose_form(backend, weights, act_qparams, qmin, qmax)
         new_inputs = []

@@ -9,12 +9,23 @@ import torch
 from torch import fx
 
 from .annotate import LayerQuantSpec, quantized_layer_nodes
-from .passes import input_quantizer_name, weight_quantizer
+from .passes import input_quantizer_name, les_scale_name, weight_quantizer
 from .quantized_modules import QuantizedLayer
 
 __all__ = ["QuantSummary", "summary"]
 
-COLUMNS = ("node", "module", "weight", "act", "act_scale", "act_zp", "weight_scale", "form", "dmq")
+COLUMNS = (
+    "node",
+    "module",
+    "weight",
+    "act",
+    "act_scale",
+    "act_zp",
+    "weight_scale",
+    "les_tau",
+    "form",
+    "dmq",
+)
 
 
 @dataclass
@@ -56,8 +67,11 @@ def summary(gm: fx.GraphModule, print_table: bool = False) -> QuantSummary:
     Columns: ``node`` (graph node name, following the module name), ``module`` (float type),
     ``weight`` (bits and granularity), ``act`` (activation bits, ``xN`` when the input is split
     into N groups), ``act_scale`` / ``act_zp`` (activation step and zero point; a range over
-    groups), ``weight_scale`` (range of per-channel steps), ``form`` (``observing``,
-    ``fake-quant``, ``reference`` or ``int8``) and ``dmq`` (DMQ rewrites: ``split``, ...).
+    groups), ``weight_scale`` (range of per-channel steps), ``les_tau`` (range of the layer's
+    LES vector, ``-`` without LES), ``form`` (``observing``, ``fake-quant``, ``reference`` or
+    ``int8``) and ``dmq`` (DMQ rewrites: ``split``; ``les`` before conversion, then ``les:norm``
+    (1/tau folded into the norm before the layer) or ``les:step`` (merged into a per-channel
+    quantize step tau * s)).
     """
     meta = gm.meta.get("dmq_fx", {})
     state = meta.get("state", "traced")
@@ -70,6 +84,7 @@ def summary(gm: fx.GraphModule, print_table: bool = False) -> QuantSummary:
             act = [(s, z) for s, z, _, _ in mod.act_qparams]
             w_scales = [float(v) for g in range(n) for v in getattr(mod, f"weight_scale_{g}")]
             form = mod.form
+            tau = list(spec.les_tau or ())
         else:
             fqs = [gm.get_submodule(input_quantizer_name(node.target, g, n)) for g in range(n)]
             calibrated = state == "calibrated"
@@ -80,6 +95,11 @@ def summary(gm: fx.GraphModule, print_table: bool = False) -> QuantSummary:
                 else []
             )
             form = "fake-quant" if calibrated else "observing"
+            tau = (
+                gm.get_submodule(les_scale_name(spec.les_owner)).tau.detach().tolist()
+                if spec.les_owner
+                else []
+            )
         rows.append(
             {
                 "node": node.name,
@@ -89,6 +109,7 @@ def summary(gm: fx.GraphModule, print_table: bool = False) -> QuantSummary:
                 "act_scale": _fmt_range([s for s, _ in act]),
                 "act_zp": _fmt_range([z for _, z in act]),
                 "weight_scale": _fmt_range(w_scales),
+                "les_tau": _fmt_range(tau),
                 "form": form,
                 "dmq": ",".join(spec.rewrites) or "-",
             }

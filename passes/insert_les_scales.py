@@ -28,7 +28,8 @@ class LESScale(torch.nn.Module):
 
     def __init__(self, num_channels: int, channel_axis: int):
         super().__init__()
-        self.tau = torch.nn.Parameter(torch.ones(num_channels))
+        # learned only inside calibration stages, which switch gradients on for it
+        self.tau = torch.nn.Parameter(torch.ones(num_channels), requires_grad=False)
         self.channel_axis = channel_axis
 
     def broadcastable(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:

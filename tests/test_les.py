@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import dmq_fx
 from dmq_fx.calibrate import input_quantizers, weight_quantizers
+from dmq_fx.les import LearnLES, SmoothQuantScales, adaptive_timestep_weights, batch_timesteps
 from dmq_fx.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
 
 
@@ -163,3 +164,88 @@ def test_folding_agrees_with_simulation_within_one_output_step(model, x, wb, ab)
             torch.testing.assert_close(
                 dmq_fx.convert_fx(sim, backend)(x), expected, atol=step, rtol=0
             )
+
+
+# -- learning tau -----------------------------------------------------------------------------
+def test_adaptive_timestep_weights_hand_values():
+    shares = torch.tensor([0.02, 0.05, 0.10, 0.20, 0.63], dtype=torch.float64)
+    weights = adaptive_timestep_weights(3.0 * shares, r=20)  # only the shares matter
+    assert weights[:4].tolist() == pytest.approx([0.668, 0.358, 0.122, 0.0115], abs=6e-4)
+    assert torch.equal(adaptive_timestep_weights(torch.zeros(4)), torch.ones(4))
+
+
+def test_batch_timesteps_from_args_kwargs_and_scalars():
+    gm = dmq_fx.trace(build_unet(TINY_DDPM), *example_inputs(build_unet(TINY_DDPM), batch=2))
+    x = torch.randn(3, 3, 8, 8)
+    assert batch_timesteps(gm, (x, torch.tensor([1, 2, 3])), {}).tolist() == [1, 2, 3]
+    assert batch_timesteps(gm, (x,), {"timestep": 7}).tolist() == [7, 7, 7]
+    assert batch_timesteps(gm, (x, torch.tensor(5)), {}).tolist() == [5, 5, 5]
+
+
+class _OutlierConv(torch.nn.Module):
+    """A 1x1 conv whose input has a few channels 30x larger than the rest (DMQ's case)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _outlier_data(seed, n=4):
+    g = torch.Generator().manual_seed(seed)
+    gain = torch.ones(16)
+    gain[:2] = 30.0
+    return [(torch.randn(16, 16, 6, 6, generator=g) * gain.view(1, -1, 1, 1),) for _ in range(n)]
+
+
+def test_learning_tau_lowers_the_quantized_output_error():
+    torch.manual_seed(0)
+    model = _OutlierConv().eval()
+    data, held_out = _outlier_data(0), _outlier_data(1, 2)
+    errors = {}
+    for name, stages in {
+        "minmax": dmq_fx.DEFAULT_STAGES,
+        "les": [LearnLES(iterations=150, lr=1e-2), *dmq_fx.DEFAULT_STAGES],
+    }.items():
+        prepared = dmq_fx.prepare_fx(
+            model, dmq_fx.get_default_qconfig_mapping(4, 6), data[0], les=True
+        )
+        sim = dmq_fx.calibrate(prepared, data, stages, progress=False)
+        with torch.no_grad():
+            errors[name] = sum((sim(x) - model(x)).pow(2).mean() for (x,) in held_out).item()
+        if name == "les":
+            tau = sim.get_submodule("conv_les").tau
+            assert tau[2:].mean() < tau[:2].mean()  # the outlier channels are divided more
+    assert errors["les"] < 0.7 * errors["minmax"], errors
+
+
+def test_learn_les_is_deterministic_and_needs_les_nodes():
+    model = build_unet(TINY_DDPM)
+    data = calibration_data(model, n=2)
+    taus = []
+    for _ in range(2):
+        prepared = dmq_fx.prepare_fx(
+            model, dmq_fx.get_default_qconfig_mapping(4, 8), *data[0], les=True
+        )
+        dmq_fx.calibrate(prepared, data, [LearnLES(iterations=3)], progress=False)
+        taus.append(
+            torch.cat([m.tau.detach() for m in prepared.modules() if isinstance(m, LESScale)])
+        )
+    assert torch.equal(taus[0], taus[1])
+    assert not torch.equal(taus[0], torch.ones_like(taus[0]))
+    plain = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(4, 8), *data[0])
+    with pytest.raises(dmq_fx.ConfigError, match="learn_les.*les=True"):
+        dmq_fx.calibrate(plain, data, dmq_fx.PRESETS["les"], progress=False)
+
+
+def test_smoothquant_scales_closed_form():
+    model = _NormQKV(6, 4).eval()
+    data = [(torch.randn(2, 5, 6) * torch.arange(1, 7),) for _ in range(3)]
+    prepared = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(8, 8), data[0], les=True)
+    dmq_fx.calibrate(prepared, data, [SmoothQuantScales(alpha=0.5)], progress=False)
+    with torch.no_grad():
+        x_amax = torch.stack([model.norm(x).abs().amax(dim=(0, 1)) for (x,) in data]).amax(0)
+        w_amax = torch.stack([m.weight.abs().amax(0) for m in (model.q, model.k, model.v)]).amax(0)
+    torch.testing.assert_close(prepared.get_submodule("q_les").tau, (x_amax / w_amax).sqrt())

@@ -28,3 +28,24 @@ def test_summary_rows_follow_the_graph_state():
     text = str(dmq_fx.summary(converted))
     assert text.splitlines()[0].startswith("state: converted")
     assert "backend: reference" in text and "up_blocks_0_resnets_0_conv_shortcut" in text
+
+
+def test_summary_shows_les_tau_and_its_folded_form():
+    from dmq_fx.passes import LESScale
+
+    model = build_unet(TINY_DDPM)
+    a, k = example_inputs(model)
+    prepared = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(8, 8), a, k, les=True)
+    les = prepared.get_submodule("down_blocks.0.resnets.0.conv1_les")
+    assert isinstance(les, LESScale)
+    les.tau.data.fill_(2.0)
+    les.tau.data[0] = 0.5
+    rows = {r["node"]: r for r in dmq_fx.summary(prepared).rows}
+    assert rows["down_blocks_0_resnets_0_conv1"]["les_tau"] == "0.5..2"
+    assert rows["down_blocks_0_resnets_0_conv1"]["dmq"] == "les"
+    assert rows["down_blocks_0_resnets_0_conv2"]["les_tau"] == "1"
+    dmq_fx.calibrate(prepared, [(a, k)], progress=False)
+    converted = {r["node"]: r for r in dmq_fx.summary(dmq_fx.convert_fx(prepared)).rows}
+    conv1 = converted["down_blocks_0_resnets_0_conv1"]
+    assert (conv1["les_tau"], conv1["dmq"]) == ("0.5..2", "les:step")  # SiLU before it
+    assert converted["up_blocks_0_resnets_0_conv_shortcut"]["dmq"] == "split,les:step"

@@ -1,0 +1,373 @@
+"""Calibration stages that set the LES vectors ``tau`` (SPEC 1.2, 1.3).
+
+- :class:`LearnLES` (stage ``"learn_les"``; ``"learn_les_paper"`` for the paper's budget): learns
+  each LES unit's ``tau`` on the FP model's own layer inputs and outputs, with only that unit
+  quantized, weighted per timestep (:func:`adaptive_timestep_weights`).
+- :class:`SmoothQuantScales` (stage ``"smoothquant"``): SmoothQuant's closed form
+  ``tau_c = max|X_c|^alpha / max|W_c|^(1 - alpha)``, the fixed-alpha baseline.
+
+Both need a graph prepared with ``prepare_fx(..., les=True)`` and leave the quantizers
+uncalibrated: ``observe_activations`` and ``observe_weights`` follow them in a preset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+from tqdm.auto import tqdm
+
+from .annotate import LayerQuantSpec
+from .calibrate import PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
+from .errors import CalibrationError, ConfigError
+from .passes import (
+    LESScale,
+    input_quantizer_name,
+    les_scale_name,
+    les_units,
+    weight_quantizer,
+)
+
+__all__ = [
+    "LearnLES",
+    "SmoothQuantScales",
+    "adaptive_timestep_weights",
+    "batch_timesteps",
+]
+
+
+def adaptive_timestep_weights(running_loss: torch.Tensor, r: float = 20.0) -> torch.Tensor:
+    """DMQ's lambda_t = (1 - Lambda_t / sum Lambda)^r (SPEC 1.3); all ones while sum is 0.
+
+    Steps holding a large share of the current loss are weighted down: shares of 2, 5, 10, 20%
+    give 0.668, 0.358, 0.122, 0.0115 at r = 20.
+    """
+    total = running_loss.sum()
+    if total <= 0:
+        return torch.ones_like(running_loss)
+    return (1 - running_loss / total).clamp_min(0) ** r
+
+
+def batch_timesteps(gm: fx.GraphModule, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The per-sample timesteps of a calibration batch (None if the model takes none)."""
+    names = gm.meta.get("dmq_fx", {}).get("input_names", [])
+    if "timestep" in kwargs:
+        t = kwargs["timestep"]
+    elif "timestep" in names and names.index("timestep") < len(args):
+        t = args[names.index("timestep")]
+    else:
+        return None
+    batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else 1
+    t = torch.as_tensor(t).reshape(-1)
+    return t.expand(batch).clone() if t.numel() == 1 else t.clone()
+
+
+def _float_mode(gm: fx.GraphModule) -> None:
+    for fq in input_quantizers(gm) + weight_quantizers(gm):
+        fq.disable_observer()
+        fq.disable_fake_quant()
+
+
+class _StopForward(Exception):
+    pass
+
+
+def _capture_unit_inputs(
+    gm: fx.GraphModule, owner: str, batches: Sequence[Batch], max_samples: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The FP inputs of LES unit ``owner`` (before the division by tau) and their timesteps.
+
+    Runs the graph in float mode up to the owner layer only (the forward stops there), one
+    batch at a time, so only this unit's inputs are ever held.
+    """
+    layer = gm.get_submodule(owner)
+    les = gm.get_submodule(les_scale_name(owner))
+    captured: list[torch.Tensor] = []
+    steps: list[torch.Tensor] = []
+
+    def hook(module, inputs):
+        x = inputs[0].detach()
+        captured.append(x * les.broadcastable(x).detach())  # undo the current division
+        raise _StopForward
+
+    handle = layer.register_forward_pre_hook(hook)
+    count = 0
+    try:
+        with torch.no_grad():
+            for args, kwargs in batches:
+                with contextlib.suppress(_StopForward):
+                    gm(*args, **kwargs)
+                t = batch_timesteps(gm, args, kwargs)
+                if t is not None:
+                    steps.append(t)
+                count += captured[-1].shape[0]
+                if max_samples is not None and count >= max_samples:
+                    break
+    finally:
+        handle.remove()
+    x = torch.cat(captured)[:max_samples]
+    t = torch.cat(steps)[:max_samples] if len(steps) == len(captured) else None
+    return x, t
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def _fake_quant_minmax(x: torch.Tensor, dims, qmin: int, qmax: int, symmetric: bool):
+    """Round-to-nearest fake quantization with min/max from ``x`` itself (over ``dims``), with
+    a straight-through rounding: gradients reach ``x`` through the data and the step."""
+    dims = tuple(range(x.dim())) if dims is None else dims
+    if symmetric:
+        amax = x.abs().amax(dim=dims, keepdim=True)
+        step = (amax / ((qmax - qmin) / 2)).clamp_min(1e-8)
+        return torch.clamp(_round_ste(x / step), qmin, qmax) * step
+    lo = x.amin(dim=dims, keepdim=True).clamp_max(0)
+    hi = x.amax(dim=dims, keepdim=True).clamp_min(0)
+    step = ((hi - lo) / (qmax - qmin)).clamp_min(1e-8)
+    zero = (qmin - torch.round(lo / step)).detach()
+    return (torch.clamp(_round_ste(x / step) + zero, qmin, qmax) - zero) * step
+
+
+class _UnitLayer:
+    """One layer of an LES unit, with what its quantized forward needs."""
+
+    def __init__(self, gm: fx.GraphModule, node: fx.Node):
+        self.spec: LayerQuantSpec = node.meta["dmq_fx"]
+        self.module = gm.get_submodule(node.target)
+        chain = self.module.parametrizations.weight
+        self.weight = chain.original.detach()
+        self.scale_weight = chain[0]  # ScaleWeightInputChannels: W -> tau * W
+        self.bias = None if self.module.bias is None else self.module.bias.detach()
+        self.is_conv = isinstance(self.module, torch.nn.Conv2d)
+        n = len(self.spec.input_groups)
+        self.act_ranges = [
+            (q.quant_min, q.quant_max)
+            for q in (gm.get_submodule(input_quantizer_name(node.target, g, n)) for g in range(n))
+        ]
+        self.weight_quantizer = weight_quantizer(self.module)
+        fq0 = self.weight_quantizer.fake_quants[0]
+        self.weight_range = (fq0.quant_min, fq0.quant_max)
+        self.weight_symmetric = fq0.qscheme in (
+            torch.per_channel_symmetric,
+            torch.per_tensor_symmetric,
+        )
+        self.weight_per_channel = fq0.qscheme in (
+            torch.per_channel_symmetric,
+            torch.per_channel_affine,
+        )
+
+    def run(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if self.is_conv:
+            return F.conv2d(x, weight, self.bias, m.stride, m.padding, m.dilation, m.groups)
+        return F.linear(x, weight, self.bias)
+
+    def quantized(self, x_scaled: torch.Tensor) -> torch.Tensor:
+        """The layer on ``x / tau`` with activations and ``tau * W`` fake-quantized (min/max)."""
+        axis = 1 if self.is_conv else x_scaled.dim() - 1
+        parts = torch.split(x_scaled, self.spec.input_groups, dim=axis)
+        xq = torch.cat(
+            [
+                _fake_quant_minmax(p, None, lo, hi, symmetric=False)
+                for p, (lo, hi) in zip(parts, self.act_ranges)
+            ],
+            dim=axis,
+        )
+        w = self.scale_weight(self.weight)
+        dims = tuple(range(1, w.dim())) if self.weight_per_channel else None
+        wq = torch.cat(
+            [
+                _fake_quant_minmax(p, dims, *self.weight_range, symmetric=self.weight_symmetric)
+                for p in self.weight_quantizer.split(w)
+            ],
+            dim=1,
+        )
+        return self.run(xq, wq)
+
+
+def _reconstruction(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss: sum over dim 1 of the squared error, mean over the rest (DMQ's code)."""
+    err = (pred - target).pow(2).sum(1)
+    return err.reshape(err.shape[0], -1).mean(1)
+
+
+def _require_les(gm: fx.GraphModule, stage: str) -> dict[str, list[fx.Node]]:
+    units = les_units(gm)
+    if not units:
+        raise ConfigError(
+            f"calibration stage '{stage}' sets LES scales, but the graph has none: "
+            f"prepare it with dmq_fx.prepare_fx(..., les=True)"
+        )
+    return units
+
+
+@dataclasses.dataclass
+class LearnLES:
+    """Stage that learns each LES unit's ``tau`` (SPEC 1.2 with 1.3's timestep weighting).
+
+    For every unit (the layers sharing one ``tau``), in graph order: capture the unit's FP
+    inputs over the calibration batches (up to ``max_samples``), then run ``iterations`` steps
+    of Adam (``lr``, cosine to 0) on ``tau`` only, each on a random batch of ``batch_size``
+    samples mixing all timesteps. The forward quantizes only this unit: ``x / tau`` per tensor
+    and ``tau * W`` per output channel, min/max recomputed every step, round-to-nearest with a
+    straight-through estimator. The loss is the per-sample reconstruction error of the layer's
+    FP output, weighted by :func:`adaptive_timestep_weights` of a per-timestep moving average
+    (``momentum``, reset per unit; ``weighting="uniform"`` turns it off).
+
+    The defaults are the CPU budget; :meth:`paper` gives DMQ's (6000 iterations, batch 32).
+    """
+
+    iterations: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    weighting: str = "adaptive"
+    r: float = 20.0
+    momentum: float = 0.95
+    max_samples: int | None = 512
+    seed: int = 0
+
+    __name__ = "learn_les"
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("adaptive", "uniform"):
+            raise ConfigError(f"weighting must be 'adaptive' or 'uniform', got {self.weighting!r}")
+        if self.iterations < 0 or self.batch_size < 1:
+            raise ConfigError("iterations must be >= 0 and batch_size >= 1")
+
+    @classmethod
+    def paper(cls, **overrides) -> LearnLES:
+        """DMQ's budget: 6000 iterations per layer, batch 32, every calibration sample."""
+        return cls(**{"iterations": 6000, "batch_size": 32, "max_samples": None, **overrides})
+
+    def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
+        units = _require_les(gm, self.__name__)
+        _float_mode(gm)
+        bar = tqdm(units.items(), desc="learn LES", unit="layer", disable=not progress)
+        for index, (owner, nodes) in enumerate(bar):
+            loss = self.learn_unit(gm, owner, nodes, batches, seed=self.seed + index)
+            bar.set_postfix(layer=owner, loss=f"{loss:.4g}")
+
+    def learn_unit(self, gm, owner, nodes, batches, *, seed: int) -> float:
+        """Learn one unit's tau; returns the final (unweighted) mean reconstruction loss."""
+        les: LESScale = gm.get_submodule(les_scale_name(owner))
+        x_all, t_all = _capture_unit_inputs(gm, owner, batches, self.max_samples)
+        layers = [_UnitLayer(gm, node) for node in nodes]
+        with torch.no_grad():
+            targets = [
+                torch.cat([layer.run(x, layer.weight) for x in x_all.split(256)])
+                for layer in layers
+            ]
+        if t_all is None:
+            t_all = torch.zeros(len(x_all), dtype=torch.long)
+        grid, t_index = torch.unique(t_all, return_inverse=True)  # the data's own timestep grid
+        running = torch.zeros(len(grid), dtype=torch.float64)
+        g = torch.Generator().manual_seed(seed)
+        les.tau.requires_grad_(True)
+        opt = torch.optim.Adam([les.tau], lr=self.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.iterations, 1))
+        last = math.nan
+        for _ in range(self.iterations):
+            idx = torch.randint(len(x_all), (min(self.batch_size, len(x_all)),), generator=g)
+            x = x_all[idx]
+            rec = sum(
+                _reconstruction(layer.quantized(les(x)), target[idx])
+                for layer, target in zip(layers, targets)
+            )
+            weights = torch.ones_like(rec)
+            if self.weighting == "adaptive" and len(grid) > 1:
+                with torch.no_grad():
+                    k = t_index[idx]
+                    batch_loss = torch.zeros_like(running).index_add_(0, k, rec.detach().double())
+                    seen = torch.bincount(k, minlength=len(grid))
+                    updated = self.momentum * running + (1 - self.momentum) * batch_loss
+                    running = torch.where(seen > 0, updated, running)
+                    weights = adaptive_timestep_weights(running, self.r)[k].float()
+            loss = (weights * rec).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                les.tau.clamp_(min=1e-4)
+            last = float(rec.detach().mean())
+        les.tau.requires_grad_(False)
+        return last
+
+
+@dataclasses.dataclass
+class SmoothQuantScales:
+    """Stage: SmoothQuant's fixed-alpha scales, ``tau_c = max|X_c|^a / max|W_c|^(1-a)``.
+
+    ``max|X_c|`` over all calibration batches (one float pass with hooks on every unit),
+    ``max|W_c|`` over the output channels of every layer of the unit.
+    """
+
+    alpha: float = 0.5
+    __name__ = "smoothquant"
+
+    def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
+        units = _require_les(gm, self.__name__)
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"smoothquant alpha must be in [0, 1], got {self.alpha}")
+        _float_mode(gm)
+        amax: dict[str, torch.Tensor] = {}
+        handles = []
+        for owner in units:
+            les = gm.get_submodule(les_scale_name(owner))
+
+            def hook(module, inputs, owner=owner, les=les):
+                x = inputs[0].detach() * les.broadcastable(inputs[0]).detach()
+                axis = les.channel_axis % x.dim()
+                dims = [d for d in range(x.dim()) if d != axis]
+                m = x.abs().amax(dim=dims)
+                amax[owner] = m if owner not in amax else torch.maximum(amax[owner], m)
+
+            handles.append(gm.get_submodule(owner).register_forward_pre_hook(hook))
+        try:
+            with torch.no_grad():
+                for args, kwargs in tqdm(batches, desc="smoothquant", disable=not progress):
+                    gm(*args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        with torch.no_grad():
+            for owner, nodes in units.items():
+                if owner not in amax:
+                    raise CalibrationError(f"smoothquant: layer '{owner}' never ran")
+                w_amax = torch.stack(
+                    [_weight_amax_per_input_channel(gm.get_submodule(n.target)) for n in nodes]
+                ).amax(0)
+                tau = amax[owner].clamp_min(1e-5) ** self.alpha / w_amax.clamp_min(1e-5) ** (
+                    1 - self.alpha
+                )
+                gm.get_submodule(les_scale_name(owner)).tau.copy_(tau)
+
+
+def _weight_amax_per_input_channel(layer: torch.nn.Module) -> torch.Tensor:
+    w = layer.parametrizations.weight.original.detach().abs()
+    w = w.reshape(w.shape[0], w.shape[1], -1).amax(2)  # (C_out, C_in / groups)
+    groups = getattr(layer, "groups", 1)
+    return w.reshape(groups, -1, w.shape[1]).amax(1).reshape(-1)
+
+
+STAGES.update(
+    {
+        "smoothquant": SmoothQuantScales(),
+        "learn_les": LearnLES(),
+        "learn_les_paper": LearnLES.paper(),
+    }
+)
+_OBSERVE = ("observe_activations", "observe_weights")
+PRESETS.update(
+    {
+        "smoothquant": ("smoothquant", *_OBSERVE),
+        "les": ("learn_les", *_OBSERVE),
+        "les-paper": ("learn_les_paper", *_OBSERVE),
+    }
+)
