@@ -17,7 +17,8 @@ For each model, bit setting and method, one row:
 Methods: fp; torchao-fx (torch.ao's own FX PTQ, x86 default qconfig, W8A8 only: its convert
 cannot keep 4-bit or 6-bit ranges); minmax (dmq_fx min-max PTQ: MSE-searched weights, moving-
 average min/max activations); smoothquant (fixed alpha 0.5, then min-max, same lowering); les
-(learned equivalent scaling, then min-max). Every dmq_fx row runs the x86 lowering.
+(learned equivalent scaling, the fast "les" preset, then min-max). Every dmq_fx row runs the
+x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the full run (1000 samples, 32 per step) makes README's table. The last line printed
 is JSON: a list of rows {"model", "bits", "method", "fid", "eps_sqnr_db", "psnr_db", "class_acc",
@@ -100,12 +101,13 @@ def reference_models(names: list[str]) -> list[ReferenceModel]:
 
 
 # -- methods: (float unet, bits, calibration data) -> quantized graph ------------------------------
-def _dmq_fx(stages):
-    def build(unet, bits, calib: CalibrationData, prepare_kwargs=None):
+def _dmq_fx(preset: str):
+    def build(unet, bits, calib: CalibrationData):
         wb, ab = parse_bits(bits)
         example = next(calib.batches(8, shuffle=False))
+        stages = dmq_fx.PRESETS[preset]
         prepared = dmq_fx.prepare_fx(
-            unet, dmq_fx.get_default_qconfig_mapping(wb, ab), *example, **(prepare_kwargs or {})
+            unet, dmq_fx.get_default_qconfig_mapping(wb, ab), *example, les=preset != "minmax"
         )
         dmq_fx.calibrate(prepared, list(calib.batches(32, seed=0)), stages, progress=False)
         return dmq_fx.convert_fx(prepared, "x86")
@@ -124,7 +126,9 @@ def _torchao_fx(unet, bits, calib: CalibrationData):
 METHODS: dict[str, Callable | None] = {
     "fp": None,
     "torchao-fx": _torchao_fx,
-    "minmax": _dmq_fx(dmq_fx.DEFAULT_STAGES),
+    "minmax": _dmq_fx("minmax"),
+    "smoothquant": _dmq_fx("smoothquant"),
+    "les": _dmq_fx("les"),
 }
 
 
