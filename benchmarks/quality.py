@@ -195,7 +195,7 @@ def evaluate(ref, q_unet, fp, args, feats, clf, real) -> dict:
         with torch.no_grad():
             return clf(F.interpolate(x, size=28, mode="bilinear") if x.shape[-1] != 28 else x)
 
-    pred, fp_pred, labels = classify(samples).argmax(1), classify(fp_samples).argmax(1), None
+    pred, fp_pred = classify(samples).argmax(1), classify(fp_samples).argmax(1)
     labels = ref.labels(n)
     return {
         "fid": round(frechet_distance(real, samples, feats), 2),
