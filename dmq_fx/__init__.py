@@ -4,7 +4,8 @@ The workflow mirrors torch.ao's: ``trace`` (optional), ``prepare_fx``, ``calibra
 ``convert_fx``, then ``summary`` to inspect the result.
 """
 
-from . import calibration, datasets, les
+from . import adaround, blocks, calibration, datasets, les
+from .adaround import AdaRound
 from .calibrate import DEFAULT_STAGES, PRESETS, STAGES, calibrate
 from .convert import BACKENDS, convert_fx
 from .errors import (
@@ -24,6 +25,7 @@ from .tracing import trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaRound",
     "BACKENDS",
     "DEFAULT_STAGES",
     "PRESETS",
@@ -36,6 +38,8 @@ __all__ = [
     "LearnLES",
     "SmoothQuantScales",
     "TraceError",
+    "adaround",
+    "blocks",
     "calibrate",
     "calibration",
     "datasets",

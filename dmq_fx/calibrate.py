@@ -94,14 +94,20 @@ def observe_activations(gm: fx.GraphModule, batches: Sequence[Batch], progress: 
 
 
 def observe_weights(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
-    """Observe each weight group once and compute its qparams (the MSE search runs here)."""
+    """Observe each weight group once and compute its qparams (the MSE search runs here).
+
+    A learned rounding belongs to the qparams it was learned with, so it is dropped here.
+    """
     nodes = quantized_layer_nodes(gm)
     with torch.no_grad():
         for node in tqdm(nodes, desc="observe weights", disable=not progress):
             layer = gm.get_submodule(node.target)
             grouped = weight_quantizer(layer)
             parts = grouped.split(weight_before_quantization(layer))
-            for fq, part in zip(grouped.fake_quants, parts):
+            spec = node.meta["dmq_fx"]
+            spec.rewrites = [r for r in spec.rewrites if r != "adaround"]
+            for g, (fq, part) in enumerate(zip(grouped.fake_quants, parts)):
+                grouped.set_rounding(g, None)
                 fq.enable_observer()
                 fq.disable_fake_quant()
                 fq(part)

@@ -12,6 +12,7 @@ from .errors import ConvertError
 from .passes import (
     LESScale,
     input_quantizer_name,
+    integer_weight,
     les_scale_name,
     weight_before_quantization,
     weight_quantizer,
@@ -35,13 +36,16 @@ def _integer_weights(layer: torch.nn.Module, spec: LayerQuantSpec):
     grouped = weight_quantizer(layer)
     weight = weight_before_quantization(layer).detach()
     out = []
-    for fq, part in zip(grouped.fake_quants, grouped.split(weight)):
+    for g, (fq, part) in enumerate(zip(grouped.fake_quants, grouped.split(weight))):
         scale = fq.scale.detach().float().reshape(-1).expand(part.shape[0]).contiguous()
         zp = fq.zero_point.detach().int().reshape(-1).expand(part.shape[0]).contiguous()
         dtype = torch.uint8 if fq.quant_min >= 0 else torch.int8
-        w_int = _qd.quantize_per_channel(
-            part.float(), scale, zp, 0, fq.quant_min, fq.quant_max, dtype
-        )
+        if grouped.rounding(g) is not None:  # learned rounding (AdaRound)
+            w_int = integer_weight(part.float(), fq, grouped.rounding(g).float()).to(dtype)
+        else:
+            w_int = _qd.quantize_per_channel(
+                part.float(), scale, zp, 0, fq.quant_min, fq.quant_max, dtype
+            )
         out.append((w_int, scale, zp))
     fq0 = grouped.fake_quants[0]
     return out, fq0.quant_min, fq0.quant_max

@@ -15,6 +15,7 @@ from .insert_quantizers import (
     GroupedWeightFakeQuantize,
     input_quantizer_name,
     insert_quantizers,
+    integer_weight,
     weight_before_quantization,
     weight_quantizer,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "LESScale",
     "ScaleWeightInputChannels",
     "input_quantizer_name",
+    "integer_weight",
     "insert_les_scales",
     "insert_quantizers",
     "les_scale_name",

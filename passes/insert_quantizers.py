@@ -11,6 +11,7 @@ from dmq_fx.annotate import LayerQuantSpec, make_fake_quantize, quantized_layer_
 
 __all__ = [
     "GroupedWeightFakeQuantize",
+    "integer_weight",
     "insert_quantizers",
     "input_quantizer_name",
     "weight_before_quantization",
@@ -18,17 +19,45 @@ __all__ = [
 ]
 
 
+def _per_channel(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-output-channel (or per-tensor) qparam shaped to broadcast over ``like``."""
+    return value.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def integer_weight(
+    weight: torch.Tensor, fake_quant: FakeQuantizeBase, round_up: torch.Tensor
+) -> torch.Tensor:
+    """The integers of ``weight`` under ``fake_quant``'s qparams with a chosen rounding.
+
+    ``clamp(floor(w / s) + round_up + z, quant_min, quant_max)``, as float: ``round_up`` is 0 or
+    1 per element for a learned (AdaRound) rounding, or a soft value in [0, 1] while it is
+    learned (gradients reach it). Per-output-channel qparams along axis 0.
+    """
+    scale = _per_channel(fake_quant.scale.detach().float(), weight)
+    zero_point = _per_channel(fake_quant.zero_point.detach().float(), weight)
+    floor = torch.floor(weight.detach() * (1.0 / scale))
+    return torch.clamp(floor + round_up + zero_point, fake_quant.quant_min, fake_quant.quant_max)
+
+
 class GroupedWeightFakeQuantize(torch.nn.Module):
     """Weight parametrization: one torch.ao FakeQuantize per group of input channels.
 
     With one group this is the layer's weight quantizer; with several (a shortcut conv fed by a
     skip concatenation) each group of input channels has its own per-output-channel qparams.
+
+    A group may carry a learned rounding (buffer ``rounding_<g>``, 0 / 1 per weight, set by
+    AdaRound): its weights are then ``floor(w / s) + rounding`` instead of round-to-nearest
+    (:func:`integer_weight`); ``convert_fx`` stores the same integers.
     """
 
     def __init__(self, fake_quants: list[FakeQuantizeBase], split_sizes: tuple[int, ...]):
         super().__init__()
         self.fake_quants = torch.nn.ModuleList(fake_quants)
         self.split_sizes = tuple(split_sizes)
+        for g in range(len(fake_quants)):
+            self.register_buffer(f"rounding_{g}", None)
+        #: soft roundings (one tensor per group) used instead while AdaRound learns them
+        self.soft_rounding: list[torch.Tensor] | None = None
 
     def split(self, weight: torch.Tensor) -> list[torch.Tensor]:
         """``weight`` cut into the groups' input channels (whole for one group: also grouped
@@ -37,8 +66,29 @@ class GroupedWeightFakeQuantize(torch.nn.Module):
             return [weight]
         return list(torch.split(weight, self.split_sizes, dim=1))
 
+    def rounding(self, group: int) -> torch.Tensor | None:
+        """The learned rounding of ``group`` (None: round to nearest)."""
+        return getattr(self, f"rounding_{group}")
+
+    def set_rounding(self, group: int, round_up: torch.Tensor | None) -> None:
+        """Fix ``group``'s rounding to ``round_up`` (0 / 1 per weight), or back to nearest."""
+        if round_up is not None:
+            round_up = round_up.detach().to(torch.uint8)
+        setattr(self, f"rounding_{group}", round_up)
+
+    def _quantize(self, group: int, fq: FakeQuantizeBase, part: torch.Tensor) -> torch.Tensor:
+        up = self.soft_rounding[group] if self.soft_rounding is not None else self.rounding(group)
+        if up is None or not bool(fq.fake_quant_enabled[0]):
+            return fq(part)
+        scale = _per_channel(fq.scale.detach().float(), part)
+        zero_point = _per_channel(fq.zero_point.detach().float(), part)
+        return (integer_weight(part, fq, up) - zero_point) * scale
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        parts = [fq(p) for fq, p in zip(self.fake_quants, self.split(weight))]
+        parts = [
+            self._quantize(g, fq, p)
+            for g, (fq, p) in enumerate(zip(self.fake_quants, self.split(weight)))
+        ]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

@@ -1,0 +1,199 @@
+"""AdaRound: learned weight rounding, block by block (SPEC 1.2, last bullet).
+
+After the weight qparams are fixed (``observe_weights`` on ``tau * W`` when LES is on), each
+reconstruction unit (:mod:`dmq_fx.blocks`: resnet and transformer blocks, lone layers on their
+own) learns, for every weight, whether it rounds down or up: ``floor(w / s) + h(V)`` with
+AdaRound's rectified sigmoid ``h``, on the FP model's own unit inputs, to reproduce the FP unit
+output (plain MSE), with activations not quantized. A regulariser ``sum(1 - |2h - 1|^beta)``
+(weight ``reg_weight``, ``beta`` annealed from ``beta_start`` to ``beta_end`` after a
+``warmup`` share of the iterations) pushes ``h`` to 0 or 1; the final rounding is ``V >= 0``,
+stored in the weight quantizer (``GroupedWeightFakeQuantize.rounding_<g>``) and used by
+``convert_fx`` for the integer weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from .blocks import BLOCK_TYPES, capture_unit_inputs, reconstruction_units, unit_graph
+from .calibrate import PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
+from .errors import ConfigError
+from .passes import weight_before_quantization, weight_quantizer
+
+__all__ = ["AdaRound", "rectified_sigmoid"]
+
+#: AdaRound's stretch of the sigmoid to (GAMMA, ZETA) before clipping to [0, 1]
+GAMMA, ZETA = -0.1, 1.1
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound's ``h(V) = clamp(sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)``."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def _initial_v(rest: torch.Tensor) -> torch.Tensor:
+    """``V`` with ``h(V) = rest`` (the fractional part of ``w / s``), so learning starts at the
+    float weight."""
+    return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
+
+
+def _output_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BRECQ's reconstruction loss: squared error summed over dim 1, mean over the rest."""
+    return (pred - target).pow(2).sum(1).mean()
+
+
+@dataclasses.dataclass
+class AdaRound:
+    """Stage that learns every quantized weight's rounding, unit by unit in graph order.
+
+    Needs weight qparams (run ``observe_weights`` first). For each unit: capture its FP inputs
+    (up to ``max_samples``), compute the FP outputs, then ``iterations`` Adam steps (``lr``,
+    cosine to 0) on the rounding variables of the unit's layers, batches of ``batch_size``
+    samples. The defaults are a CPU budget (500 iterations at lr 1e-2); :meth:`paper` gives
+    DMQ's (20000 iterations at lr 1e-3, every sample).
+    """
+
+    iterations: int = 500
+    batch_size: int = 32
+    lr: float = 1e-2
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    max_samples: int | None = 512
+    seed: int = 0
+    block_types: tuple[type, ...] = BLOCK_TYPES
+
+    __name__ = "adaround"
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0 or self.batch_size < 1:
+            raise ConfigError("adaround: iterations must be >= 0 and batch_size >= 1")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"adaround: warmup must be in [0, 1), got {self.warmup}")
+
+    @classmethod
+    def paper(cls, **overrides) -> AdaRound:
+        """DMQ's budget: 20000 iterations per unit at lr 1e-3, batch 32, every sample."""
+        paper = {"iterations": 20000, "lr": 1e-3, "max_samples": None}
+        return cls(**{**paper, **overrides})
+
+    def beta(self, iteration: int) -> float:
+        """The regulariser exponent: ``beta_start`` in the warm-up, then linear to ``beta_end``."""
+        start = self.warmup * self.iterations
+        if iteration < start:
+            return self.beta_start
+        progress = (iteration - start) / max(self.iterations - start, 1)
+        return self.beta_end + (self.beta_start - self.beta_end) * max(0.0, 1 - progress)
+
+    def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
+        for fq in weight_quantizers(gm):
+            if fq.activation_post_process.min_val.numel() == 0:
+                raise ConfigError(
+                    "adaround learns the rounding under fixed weight qparams: run "
+                    "'observe_weights' before it"
+                )
+        frozen = [(p, p.requires_grad) for p in gm.parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        try:
+            for fq in input_quantizers(gm) + weight_quantizers(gm):
+                fq.disable_observer()
+                fq.disable_fake_quant()
+            units = reconstruction_units(gm, self.block_types)
+            bar = tqdm(units, desc="adaround", unit="unit", disable=not progress)
+            for index, unit in enumerate(bar):
+                loss = self.learn_unit(gm, unit, batches, seed=self.seed + index)
+                bar.set_postfix(unit=unit.name, loss=f"{loss:.4g}")
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+
+    def learn_unit(self, gm: fx.GraphModule, unit, batches: Sequence[Batch], *, seed: int) -> float:
+        """Learn the rounding of ``unit``'s layers; returns the final reconstruction loss."""
+        sub, inputs, _ = unit_graph(gm, unit)
+        data = capture_unit_inputs(gm, inputs, batches, self.max_samples)
+        with torch.no_grad():
+            chunks = [sub(*data.select(slice(i, i + 256))) for i in range(0, len(data), 256)]
+        kept = [
+            i
+            for i, out in enumerate(chunks[0])
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() > 0
+        ]
+        targets = {i: torch.cat([c[i] for c in chunks]) for i in kept}
+        grouped_quantizers, variables = [], []
+        for node in unit.layers:
+            layer = gm.get_submodule(node.target)
+            grouped = weight_quantizer(layer)
+            with torch.no_grad():
+                parts = grouped.split(weight_before_quantization(layer))
+                vs = []
+                for fq, part in zip(grouped.fake_quants, parts):
+                    scale = fq.scale.float().reshape(-1, *([1] * (part.dim() - 1)))
+                    scaled = part * (1.0 / scale)
+                    vs.append(_initial_v(scaled - torch.floor(scaled)).requires_grad_(True))
+            for fq in grouped.fake_quants:
+                fq.enable_fake_quant()
+            grouped_quantizers.append(grouped)
+            variables.append(vs)
+        params = [v for vs in variables for v in vs]
+        generator = torch.Generator().manual_seed(seed)
+        last = math.nan
+        try:
+            if params and self.iterations:
+                opt = torch.optim.Adam(params, lr=self.lr)
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.iterations)
+                for it in range(self.iterations):
+                    n = min(self.batch_size, len(data))
+                    idx = torch.randint(len(data), (n,), generator=generator)
+                    for grouped, vs in zip(grouped_quantizers, variables):
+                        grouped.soft_rounding = [rectified_sigmoid(v) for v in vs]
+                    outs = sub(*data.select(idx))
+                    rec = sum(_output_loss(outs[i], targets[i][idx]) for i in kept)
+                    loss = rec
+                    if it >= self.warmup * self.iterations:
+                        beta = self.beta(it)
+                        reg = sum(
+                            (1 - (2 * h - 1).abs().pow(beta)).sum()
+                            for grouped in grouped_quantizers
+                            for h in grouped.soft_rounding
+                        )
+                        loss = rec + self.reg_weight * reg
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    last = float(rec.detach())
+        finally:  # an interrupted unit keeps round-to-nearest
+            for grouped in grouped_quantizers:
+                grouped.soft_rounding = None
+                for fq in grouped.fake_quants:
+                    fq.disable_fake_quant()
+        for grouped, vs in zip(grouped_quantizers, variables):
+            for g, v in enumerate(vs):
+                grouped.set_rounding(g, v.detach() >= 0)
+        for node in unit.layers:
+            if "adaround" not in node.meta["dmq_fx"].rewrites:
+                node.meta["dmq_fx"].rewrites.append("adaround")
+        return last
+
+
+STAGES.update({"adaround": AdaRound(), "adaround_paper": AdaRound.paper()})
+PRESETS.update(
+    {
+        "adaround": ("observe_activations", "observe_weights", "adaround"),
+        "les+adaround": ("learn_les", "observe_activations", "observe_weights", "adaround"),
+        "les+adaround-paper": (
+            "learn_les_paper",
+            "observe_activations",
+            "observe_weights",
+            "adaround_paper",
+        ),
+    }
+)

@@ -1,0 +1,244 @@
+"""Reconstruction units of a prepared graph: blocks and lone layers, run on their own.
+
+Block-wise reconstruction (AdaRound in DMQ, FBR in EDA-DM) learns one block at a time on the
+FP model's own block inputs. On the flat FX graph a block is the contiguous run of nodes traced
+inside one module of a block type (``nn_module_stack`` in ``node.meta``): a diffusers
+``ResnetBlock2D``, ``BasicTransformerBlock`` or an ``Attention`` that is not inside one of them.
+Quantized layers outside every block are units of their own. :func:`unit_graph` cuts a unit out
+of the graph as a GraphModule sharing the layers; :func:`capture_unit_inputs` collects its FP
+inputs one unit at a time (the forward stops after the unit's last input), so memory stays
+bounded by one unit's activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
+from torch import fx
+
+from .annotate import quantized_layer_nodes
+from .errors import CalibrationError
+
+__all__ = [
+    "BLOCK_TYPES",
+    "CapturedInputs",
+    "ReconstructionUnit",
+    "capture_unit_inputs",
+    "reconstruction_units",
+    "unit_graph",
+]
+
+#: Module types reconstructed as one block (outermost wins when they nest).
+BLOCK_TYPES: tuple[type, ...] = (ResnetBlock2D, BasicTransformerBlock, Attention)
+
+
+@dataclasses.dataclass
+class ReconstructionUnit:
+    """A block (``kind="block"``, ``name`` its module path) or a lone layer (``"layer"``)."""
+
+    name: str
+    kind: str
+    nodes: list[fx.Node]
+    layers: list[fx.Node]
+
+
+def _block_key(node: fx.Node, block_types: tuple[type, ...]) -> str | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    for key, (_, module_type) in stack.items():  # outermost first
+        if isinstance(module_type, type) and issubclass(module_type, block_types):
+            return key
+    return None
+
+
+def _inserted_inputs(node: fx.Node) -> list[fx.Node]:
+    """The nodes dmq_fx inserted in front of ``node`` (quantizers, LES divisions, split cats):
+    its transitive inputs without ``nn_module_stack``, in no particular order."""
+    out, todo = [], list(node.all_input_nodes)
+    while todo:
+        n = todo.pop()
+        if n.op != "placeholder" and not n.meta.get("nn_module_stack") and n not in out:
+            out.append(n)
+            todo += n.all_input_nodes
+    return out
+
+
+def reconstruction_units(
+    gm: fx.GraphModule, block_types: tuple[type, ...] = BLOCK_TYPES
+) -> list[ReconstructionUnit]:
+    """The units of ``gm`` that hold quantized layers, in graph order.
+
+    A block's nodes run from the first to the last node traced inside it (dmq_fx's own nodes
+    in between included); a block whose range holds a node of another module is not
+    contiguous and its layers become lone-layer units instead.
+    """
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    nodes = list(gm.graph.nodes)
+    keys = {n: _block_key(n, block_types) for n in nodes}
+    span: dict[str, list[int]] = {}
+    for n in nodes:
+        if keys[n] is not None:
+            span.setdefault(keys[n], [order[n], order[n]])[1] = order[n]
+    units: list[ReconstructionUnit] = []
+    by_block: dict[str, ReconstructionUnit] = {}
+    for layer in quantized_layer_nodes(gm):
+        key = keys[layer]
+        if key is not None and key not in by_block:
+            lo, hi = span[key]
+            inside = nodes[lo : hi + 1]
+            if all(keys[n] == key or not n.meta.get("nn_module_stack") for n in inside):
+                by_block[key] = ReconstructionUnit(key, "block", inside, [])
+                units.append(by_block[key])
+            else:
+                key = None
+        if key is not None and key in by_block:
+            by_block[key].layers.append(layer)
+            continue
+        own = sorted(_inserted_inputs(layer) + [layer], key=order.__getitem__)
+        units.append(ReconstructionUnit(str(layer.target), "layer", own, [layer]))
+    return units
+
+
+def unit_graph(gm: fx.GraphModule, unit: ReconstructionUnit) -> tuple[fx.GraphModule, list, list]:
+    """``unit`` as a GraphModule ``(*inputs) -> tuple(outputs)`` sharing ``gm``'s modules.
+
+    Returns it with its input nodes (values from outside the unit, in order) and its output
+    nodes (values used outside the unit) of ``gm``.
+    """
+    inside = set(unit.nodes)
+    inputs: list[fx.Node] = []
+    for n in unit.nodes:
+        for a in n.all_input_nodes:
+            if a not in inside and a not in inputs:
+                inputs.append(a)
+    outputs = [n for n in unit.nodes if any(u not in inside for u in n.users)]
+    graph = fx.Graph()
+    env = {a: graph.placeholder(f"input_{i}") for i, a in enumerate(inputs)}
+    for n in unit.nodes:
+        env[n] = graph.node_copy(n, env.__getitem__)
+    graph.output(tuple(env[o] for o in outputs))
+    return fx.GraphModule(gm, graph, class_name="ReconstructionUnit"), inputs, outputs
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class CapturedInputs:
+    """A unit's inputs over the calibration set: per input a tensor over samples (``batched``)
+    or one value shared by every batch; ``timesteps`` per sample (None if the model takes none)."""
+
+    values: list[Any]
+    batched: list[bool]
+    timesteps: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return next(v.shape[0] for v, b in zip(self.values, self.batched) if b)
+
+    def select(self, index: torch.Tensor | slice) -> list[Any]:
+        """The inputs of the samples ``index`` (shared values as they are)."""
+        return [v[index] if b else v for v, b in zip(self.values, self.batched)]
+
+
+def capture_unit_inputs(
+    gm: fx.GraphModule,
+    inputs: Sequence[fx.Node],
+    batches: Sequence[tuple[tuple, dict]],
+    max_samples: int | None,
+    timesteps_of=None,
+) -> CapturedInputs:
+    """Run ``gm`` on the batches until ``inputs`` are computed, collecting their values.
+
+    A tensor input whose first dimension is the batch's is per sample (concatenated, at most
+    ``max_samples``); any other value must be the same in every batch. ``gm`` runs as it is
+    (put its quantizers in float mode first for FP inputs). ``timesteps_of(args, kwargs)``
+    gives the per-sample timesteps of a batch.
+    """
+    wanted = set(inputs)
+    seen: dict[fx.Node, Any] = {}
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n in wanted:
+                seen[n] = value
+            if len(seen) == len(wanted):
+                raise _StopForward
+            return value
+
+    interp = Capture(gm)
+    collected: list[list[Any]] = [[] for _ in inputs]
+    steps: list[torch.Tensor] = []
+    count = 0
+    with torch.no_grad():
+        for args, kwargs in batches:
+            seen.clear()
+            with contextlib.suppress(_StopForward):
+                interp.run(*_bind(gm, args, kwargs))
+            if len(seen) != len(wanted):
+                missing = [n.name for n in inputs if n not in seen]
+                raise CalibrationError(f"unit inputs {missing} were never computed")
+            batch = _batch_size(args)
+            for slot, n in zip(collected, inputs):
+                slot.append(seen[n])
+            if timesteps_of is not None:
+                t = timesteps_of(args, kwargs)
+                if t is not None:
+                    steps.append(t)
+            count += batch
+            if max_samples is not None and count >= max_samples:
+                break
+    values, batched = [], []
+    for n, slot in zip(inputs, collected):
+        per_sample = all(
+            isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == _batch_size(b[0])
+            for v, b in zip(slot, batches)
+        )
+        if per_sample:
+            values.append(torch.cat([v.detach() for v in slot])[:max_samples])
+        else:
+            first = slot[0]
+            if any(not _same(first, v) for v in slot[1:]):
+                raise CalibrationError(
+                    f"unit input {n.name!r} is neither per-sample nor the same in every batch"
+                )
+            values.append(first)
+        batched.append(per_sample)
+    if not any(batched):
+        raise CalibrationError("a reconstruction unit has no per-sample input")
+    t = torch.cat(steps)[:max_samples] if steps and len(steps) == len(collected[0]) else None
+    return CapturedInputs(values, batched, t)
+
+
+def _batch_size(args: tuple) -> int:
+    first = args[0] if args else None
+    return first.shape[0] if isinstance(first, torch.Tensor) and first.dim() > 0 else 1
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    return a == b
+
+
+def _bind(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
+    """Positional values for every placeholder of ``gm`` (defaults for the ones not passed)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    values = []
+    for i, p in enumerate(placeholders):
+        if i < len(args):
+            values.append(args[i])
+        elif p.target in kwargs:
+            values.append(kwargs[p.target])
+        elif p.args:
+            values.append(p.args[0])
+        else:
+            raise CalibrationError(f"calibration batch lacks input {p.target!r}")
+    return values
