@@ -17,8 +17,9 @@ For each model, bit setting and method, one row:
 Methods: fp; torchao-fx (torch.ao's own FX PTQ, x86 default qconfig, W8A8 only: its convert
 cannot keep 4-bit or 6-bit ranges); minmax (dmq_fx min-max PTQ: MSE-searched weights, moving-
 average min/max activations); smoothquant (fixed alpha 0.5, then min-max, same lowering); les
-(learned equivalent scaling, the fast "les" preset, then min-max). Every dmq_fx row runs the
-x86 lowering.
+(learned equivalent scaling, the fast "les" preset, then min-max); adaround (min-max, then
+block-wise learned weight rounding, the fast preset); les+adaround (both, DMQ's first half).
+Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the full run (1000 samples, 32 per step) makes README's table. The last line printed
 is JSON: a list of rows {"model", "bits", "method", "fid", "eps_sqnr_db", "psnr_db", "class_acc",
@@ -107,7 +108,10 @@ def _dmq_fx(preset: str):
         example = next(calib.batches(8, shuffle=False))
         stages = dmq_fx.PRESETS[preset]
         prepared = dmq_fx.prepare_fx(
-            unet, dmq_fx.get_default_qconfig_mapping(wb, ab), *example, les=preset != "minmax"
+            unet,
+            dmq_fx.get_default_qconfig_mapping(wb, ab),
+            *example,
+            les=preset not in ("minmax", "adaround"),
         )
         dmq_fx.calibrate(prepared, list(calib.batches(32, seed=0)), stages, progress=False)
         return dmq_fx.convert_fx(prepared, "x86")
@@ -129,6 +133,8 @@ METHODS: dict[str, Callable | None] = {
     "minmax": _dmq_fx("minmax"),
     "smoothquant": _dmq_fx("smoothquant"),
     "les": _dmq_fx("les"),
+    "adaround": _dmq_fx("adaround"),
+    "les+adaround": _dmq_fx("les+adaround"),
 }
 
 

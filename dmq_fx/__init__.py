@@ -4,7 +4,7 @@ The workflow mirrors torch.ao's: ``trace`` (optional), ``prepare_fx``, ``calibra
 ``convert_fx``, then ``summary`` to inspect the result.
 """
 
-from . import adaround, blocks, calibration, datasets, les
+from . import adaround, blocks, calibration, datasets, les, pts
 from .adaround import AdaRound
 from .calibrate import DEFAULT_STAGES, PRESETS, STAGES, calibrate
 from .convert import BACKENDS, convert_fx
@@ -44,6 +44,7 @@ __all__ = [
     "calibration",
     "datasets",
     "les",
+    "pts",
     "convert_fx",
     "get_default_qconfig",
     "get_default_qconfig_mapping",

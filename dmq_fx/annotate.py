@@ -51,6 +51,9 @@ class LayerQuantSpec:
     les_owner: str | None = None
     #: (min, max) of tau, recorded by convert_fx when it folds tau away (for summary()).
     les_tau: tuple[float, float] | None = None
+    #: with PTS: the options of the layer's PowerOfTwoVotingObserver (max_shift, kappa,
+    #: selection); its input quantizers then use per-channel power-of-two steps.
+    pts: dict | None = None
 
 
 def make_fake_quantize(ctor) -> FakeQuantizeBase:
@@ -116,6 +119,8 @@ def annotate_quantization(
     *,
     split_concat_inputs: bool = True,
     les: bool = False,
+    pts: str | None = None,
+    pts_options: dict | None = None,
 ) -> fx.GraphModule:
     """Record a :class:`LayerQuantSpec` on every Conv2d / Linear node that is quantized.
 
@@ -125,7 +130,21 @@ def annotate_quantization(
     ``split_concat_inputs`` is set, so each input of a skip concatenation has its own observer.
     With ``les`` every quantized layer gets Learned Equivalent Scaling; layers reading the same
     tensor share one ``tau``, owned by the first of them (``LayerQuantSpec.les_owner``).
+    ``pts="skip"`` gives the skip-connection layers (:func:`dmq_fx.passes.skip_connection_layers`)
+    channel-wise power-of-two activation steps, ``pts="all"`` every quantized conv (an
+    ablation); ``pts_options`` go to their :class:`~dmq_fx.observers.PowerOfTwoVotingObserver`.
     """
+    if pts not in (None, "skip", "all"):
+        raise ConfigError(f"pts must be None, 'skip' or 'all', got {pts!r}")
+    options = {"max_shift": 3, "kappa": 0.85, "selection": "vote", **(pts_options or {})}
+    unknown = set(options) - {"max_shift", "kappa", "selection"}
+    if unknown:
+        raise ConfigError(
+            f"unknown pts_options {sorted(unknown)}; known: max_shift, kappa, selection"
+        )
+    from .passes import skip_connection_layers  # the passes package imports this module
+
+    skip_layers = set(skip_connection_layers(gm)) if pts == "skip" else set()
     les_owners: dict[fx.Node, str] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
@@ -155,6 +174,9 @@ def annotate_quantization(
         if split_concat_inputs and parts is not None and mod.groups == 1:
             groups = tuple(p.meta["tensor_meta"].shape[1] for p in parts)
             rewrites.append("split")
+        with_pts = isinstance(mod, torch.nn.Conv2d) and (pts == "all" or node in skip_layers)
+        if with_pts:
+            rewrites.append("pts")
         node.meta[ANNOTATION_KEY] = LayerQuantSpec(
             qconfig=qconfig,
             module_type=mtype.__name__,
@@ -164,5 +186,6 @@ def annotate_quantization(
             input_groups=groups,
             rewrites=rewrites,
             les_owner=les_owners.setdefault(inp, node.target) if les else None,
+            pts=dict(options) if with_pts else None,
         )
     return gm

@@ -65,42 +65,84 @@ def _add_constant(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node
     return gm.graph.get_attr(name)
 
 
-def _quantize_node(gm, x: fx.Node, qparams, form: str, layer_node: fx.Node, suffix: str):
+def _quantize_node(
+    gm,
+    x: fx.Node,
+    qparams,
+    form: str,
+    layer_node: fx.Node,
+    suffix: str,
+    channel_factors: torch.Tensor | None = None,
+):
     """The node quantizing a layer input ``x`` to uint8 with ``qparams`` (s, z, qmin, qmax).
 
     With LES, ``x`` is the division ``x0 / tau``: the division merges into the quantize step, as
     ``quantize_per_channel(x0, tau * s, z)``; its integers are those of ``x0 / tau`` quantized per
     tensor with step ``s`` (up to float rounding at .5 ties), so the kernel takes them with the
-    per-tensor ``(s, z)`` and the weights ``tau * W``.
+    per-tensor ``(s, z)`` and the weights ``tau * W``. With PTS (``channel_factors``
+    ``2^(j_c - D)``) the steps are ``(tau *) s * 2^(j_c - D)`` per channel.
+
+    Returns the node and, for a per-channel quantization, the ``(steps, zero_points, axis)``
+    nodes that dequantize its integers (steps without ``tau``: they stand for ``x0 / tau``).
     """
     s, z, amin, amax = qparams
     name = f"{layer_node.name}_input_q{suffix}"
     graph = gm.graph
-    if _is_les(gm, x):
-        les = gm.get_submodule(x.target)
-        x0, offset = x.args[0], (x.args[1] if len(x.args) > 1 else 0)
-        rank = len(x0.meta["tensor_meta"].shape)
-        axis = les.channel_axis % rank
-        channels = x0.meta["tensor_meta"].shape[axis]
-        tau = les.tau.detach().float()[offset : offset + channels]
-        steps = _add_constant(gm, f"{layer_node.target}_input_steps{suffix}", tau * s)
-        zps = _add_constant(
-            gm, f"{layer_node.target}_input_zero_points{suffix}", torch.full_like(tau, z).int()
-        )
+    les = gm.get_submodule(x.target) if _is_les(gm, x) else None
+    if les is None and channel_factors is None:
+        if form == "int8":
+            return graph.create_node(
+                "call_function", quantize_uint8, (x, s, z, amin, amax), name=name
+            ), None
         return graph.create_node(
             "call_function",
-            _qd.quantize_per_channel.default,
-            (x0, steps, zps, axis, amin, amax, torch.uint8),
+            _qd.quantize_per_tensor.default,
+            (x, s, z, amin, amax, torch.uint8),
             name=name,
-        )
-    if form == "int8":
-        return graph.create_node("call_function", quantize_uint8, (x, s, z, amin, amax), name=name)
-    return graph.create_node(
+        ), None
+    x0 = x
+    if les is not None:
+        x0 = x.args[0]
+    rank = len(x0.meta["tensor_meta"].shape)
+    axis = (les.channel_axis if les is not None else 1) % rank
+    channels = x0.meta["tensor_meta"].shape[axis]
+    # the integers' own steps (of x0 / tau), and the quantize steps of x0
+    own_steps = torch.full((channels,), float(s))
+    if channel_factors is not None:
+        own_steps = own_steps * channel_factors.float()
+    steps = own_steps
+    if les is not None:
+        offset = x.args[1] if len(x.args) > 1 else 0
+        steps = own_steps * les.tau.detach().float()[offset : offset + channels]
+    step_node = _add_constant(gm, f"{layer_node.target}_input_steps{suffix}", steps)
+    zp_node = _add_constant(
+        gm,
+        f"{layer_node.target}_input_zero_points{suffix}",
+        torch.full((channels,), int(z), dtype=torch.int32),
+    )
+    q = graph.create_node(
         "call_function",
-        _qd.quantize_per_tensor.default,
-        (x, s, z, amin, amax, torch.uint8),
+        _qd.quantize_per_channel.default,
+        (x0, step_node, zp_node, axis, amin, amax, torch.uint8),
         name=name,
     )
+    own_node = step_node
+    if les is not None:
+        own_node = _add_constant(gm, f"{layer_node.target}_input_int_steps{suffix}", own_steps)
+    return q, (own_node, zp_node, axis)
+
+
+def _shifted_weights(weights, factors: list[torch.Tensor], max_shift: int):
+    """PTS weights as int8 ``(W_int - z_w) << j_c`` (zero point 0), or None if one overflows."""
+    out = []
+    for (w_int, scale, zp), factor in zip(weights, factors):
+        w8 = w_int.int() - zp.view(-1, *([1] * (w_int.dim() - 1)))
+        shift = torch.round(factor * 2**max_shift).int()  # 2^j_c
+        shifted = w8 * shift.view(1, -1, *([1] * (w_int.dim() - 2)))
+        if shifted.abs().max() > 127:
+            return None
+        out.append((shifted.to(torch.int8), scale, torch.zeros_like(zp)))
+    return out
 
 
 def _foldable_norm(gm: fx.GraphModule, les_node: fx.Node) -> torch.nn.Module | None:
@@ -212,20 +254,54 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
             tau = gm.get_submodule(les_scale_name(spec.les_owner)).tau.detach()
             spec.les_tau = (float(tau.min()), float(tau.max()))
         weights, qmin, qmax = _integer_weights(layer, spec)
+        factors, pts_form = None, None
+        if spec.pts is not None:
+            fqs = [
+                gm.get_submodule(input_quantizer_name(node.target, g, n_groups))
+                for g in range(n_groups)
+            ]
+            factors = [fq.observer.channel_factors(c) for fq, c in zip(fqs, spec.input_groups)]
+            max_shift = fqs[0].observer.max_shift
+            shifted = _shifted_weights(weights, factors, max_shift)
+            if shifted is not None and getattr(layer, "groups", 1) == 1:
+                # integer activations read at the finest step s / 2^D, weights shifted by j_c
+                pts_form, weights, qmin, qmax = "pts:shift", shifted, -128, 127
+                act_qparams = [(s / 2**max_shift, z, lo, hi) for s, z, lo, hi in act_qparams]
+            else:
+                pts_form = "pts:dequant"
+            spec.rewrites = [pts_form if r == "pts" else r for r in spec.rewrites]
         form = _choose_form(backend, weights, act_qparams, qmin, qmax)
+        if pts_form == "pts:dequant":
+            form = "reference"  # per-channel steps: dequantized before a float conv
         new_inputs = []
         with graph.inserting_before(node):
             for g, (qnode, (s, z, amin, amax)) in enumerate(zip(quant_nodes, act_qparams)):
                 suffix = f"_{g}" if n_groups > 1 else ""
-                q = _quantize_node(gm, qnode.args[0], (s, z, amin, amax), form, node, suffix)
+                factor = None if factors is None else factors[g]
+                if pts_form == "pts:shift":
+                    s = s * 2 ** fqs[g].observer.max_shift  # quantize with the tensor's own s
+                q, per_channel = _quantize_node(
+                    gm, qnode.args[0], (s, z, amin, amax), form, node, suffix, factor
+                )
                 if form == "int8":
                     new_inputs.append(q)
+                elif pts_form == "pts:dequant":
+                    steps, zps, axis = per_channel
+                    new_inputs.append(
+                        graph.create_node(
+                            "call_function",
+                            _qd.dequantize_per_channel.default,
+                            (q, steps, zps, axis, amin, amax, torch.uint8),
+                            name=f"{node.name}_input_dq{suffix}",
+                        )
+                    )
                 else:
+                    s_kernel = act_qparams[g][0]
                     new_inputs.append(
                         graph.create_node(
                             "call_function",
                             _qd.dequantize_per_tensor.default,
-                            (q, s, z, amin, amax, torch.uint8),
+                            (q, s_kernel, z, amin, amax, torch.uint8),
                             name=f"{node.name}_input_dq{suffix}",
                         )
                     )

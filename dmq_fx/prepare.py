@@ -26,6 +26,8 @@ def prepare_fx(
     *,
     split_concat_inputs: bool = True,
     les: bool = False,
+    pts: str | None = None,
+    pts_options: dict | None = None,
 ) -> fx.GraphModule:
     """Prepare ``model`` for post-training quantization, like torch.ao's ``prepare_fx``.
 
@@ -37,7 +39,10 @@ def prepare_fx(
 
     ``split_concat_inputs``: separate quantizers for each input of a skip concatenation
     (Q-Diffusion's shortcut split). ``les``: insert Learned Equivalent Scaling nodes (``tau = 1``,
-    learned by the ``learn_les`` calibration stage or set by ``smoothquant``).
+    learned by the ``learn_les`` calibration stage or set by ``smoothquant``). ``pts="skip"``:
+    channel-wise power-of-two activation steps on the skip-connection layers (``"all"``: on
+    every quantized conv), chosen by the ``vote_pts`` stage; ``pts_options``: ``max_shift`` (D,
+    default 3), ``kappa`` (0.85), ``selection`` (``"vote"`` or ``"mse"``).
     """
     if isinstance(qconfig_mapping, dict):
         qconfig_mapping = QConfigMapping.from_dict(qconfig_mapping)
@@ -57,7 +62,14 @@ def prepare_fx(
         gm.meta = copy.deepcopy(model.meta)
     else:
         gm = trace(model, example_inputs, example_kwargs)
-    annotate_quantization(gm, qconfig_mapping, split_concat_inputs=split_concat_inputs, les=les)
+    annotate_quantization(
+        gm,
+        qconfig_mapping,
+        split_concat_inputs=split_concat_inputs,
+        les=les,
+        pts=pts,
+        pts_options=pts_options,
+    )
     insert_quantizers(gm)
     if les:
         insert_les_scales(gm)

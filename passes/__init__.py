@@ -19,6 +19,7 @@ from .insert_quantizers import (
     weight_before_quantization,
     weight_quantizer,
 )
+from .skip_connections import skip_concatenations, skip_connection_layers
 
 __all__ = [
     "GroupedWeightFakeQuantize",
@@ -30,6 +31,8 @@ __all__ = [
     "insert_quantizers",
     "les_scale_name",
     "les_units",
+    "skip_concatenations",
+    "skip_connection_layers",
     "weight_before_quantization",
     "weight_quantizer",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from dmq_fx.observers import PowerOfTwoFakeQuantize, PowerOfTwoVotingObserver
 from torch import fx
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.nn.utils import parametrize
@@ -13,6 +14,7 @@ __all__ = [
     "GroupedWeightFakeQuantize",
     "integer_weight",
     "insert_quantizers",
+    "power_of_two_fake_quantize",
     "input_quantizer_name",
     "weight_before_quantization",
     "weight_quantizer",
@@ -110,6 +112,23 @@ def weight_before_quantization(layer: torch.nn.Module) -> torch.Tensor:
     return weight
 
 
+def power_of_two_fake_quantize(
+    like: FakeQuantizeBase, options: dict, ch_axis: int
+) -> PowerOfTwoFakeQuantize:
+    """A :class:`PowerOfTwoFakeQuantize` with the range, dtype and averaging of ``like``."""
+    observer = like.activation_post_process
+    return PowerOfTwoFakeQuantize(
+        observer=PowerOfTwoVotingObserver,
+        dtype=observer.dtype,
+        qscheme=observer.qscheme,
+        quant_min=like.quant_min,
+        quant_max=like.quant_max,
+        averaging_constant=getattr(observer, "averaging_constant", 0.01),
+        ch_axis=ch_axis,
+        **options,
+    )
+
+
 def input_quantizer_name(layer_target: str, group: int, num_groups: int) -> str:
     """Qualified name of the activation quantizer of ``layer_target``'s input ``group``."""
     return f"{layer_target}_input_quant" + (f"_{group}" if num_groups > 1 else "")
@@ -135,6 +154,8 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
         quantized = []
         for g, inp in enumerate(inputs):
             fq = make_fake_quantize(spec.qconfig.activation)
+            if spec.pts is not None:
+                fq = power_of_two_fake_quantize(fq, spec.pts, ch_axis=1)
             fq.disable_fake_quant()
             name = input_quantizer_name(node.target, g, n_groups)
             gm.add_submodule(name, fq)

@@ -1,0 +1,74 @@
+"""Calibration stage that chooses the power-of-two channel steps of PTS layers (SPEC 1.4).
+
+Layers prepared with ``prepare_fx(..., pts="skip")`` (or ``"all"``) have
+:class:`~dmq_fx.observers.PowerOfTwoFakeQuantize` input quantizers. ``vote_pts`` runs the
+calibration batches in float once more, after ``observe_activations`` has fixed each tensor's
+step ``s`` and zero point, and lets every sample vote for each channel's step
+``s * 2^(j_c - D)`` (:class:`~dmq_fx.observers.PowerOfTwoVotingObserver`). One set of exponents is
+shared by all timesteps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from .calibrate import PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
+from .errors import ConfigError
+from .observers import PowerOfTwoFakeQuantize
+
+__all__ = ["pts_quantizers", "vote_pts"]
+
+
+def pts_quantizers(gm: fx.GraphModule) -> list[PowerOfTwoFakeQuantize]:
+    """The power-of-two input quantizers of ``gm``, in graph order."""
+    return [q for q in input_quantizers(gm) if isinstance(q, PowerOfTwoFakeQuantize)]
+
+
+def vote_pts(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
+    """Stage: count every sample's votes and fix each PTS channel's exponent."""
+    quantizers = pts_quantizers(gm)
+    if not quantizers:
+        raise ConfigError(
+            "calibration stage 'vote_pts' chooses power-of-two steps, but the graph has no PTS "
+            "layer: prepare it with dmq_fx.prepare_fx(..., pts='skip')"
+        )
+    for q in quantizers:
+        if not torch.isfinite(q.observer.min_val).all():
+            raise ConfigError(
+                "vote_pts votes on the observed activation ranges: run 'observe_activations' first"
+            )
+    for fq in input_quantizers(gm) + weight_quantizers(gm):
+        fq.disable_observer()
+        fq.disable_fake_quant()
+    for q in quantizers:
+        q.observer.start_voting()
+        q.enable_observer()
+    try:
+        with torch.no_grad():
+            for args, kwargs in tqdm(batches, desc="vote PTS", disable=not progress):
+                gm(*args, **kwargs)
+    finally:
+        for q in quantizers:
+            q.disable_observer()
+    for q in quantizers:
+        q.observer.finish_voting()
+
+
+STAGES["vote_pts"] = vote_pts
+PRESETS.update(
+    {
+        "pts": ("observe_activations", "vote_pts", "observe_weights"),
+        "dmq": ("learn_les", "observe_activations", "vote_pts", "observe_weights", "adaround"),
+        "dmq-paper": (
+            "learn_les_paper",
+            "observe_activations",
+            "vote_pts",
+            "observe_weights",
+            "adaround_paper",
+        ),
+    }
+)
