@@ -18,7 +18,12 @@ Methods: fp; torchao-fx (torch.ao's own FX PTQ, x86 default qconfig, W8A8 only: 
 cannot keep 4-bit or 6-bit ranges); minmax (dmq_fx min-max PTQ: MSE-searched weights, moving-
 average min/max activations); smoothquant (fixed alpha 0.5, then min-max, same lowering); les
 (learned equivalent scaling, the fast "les" preset, then min-max); adaround (min-max, then
-block-wise learned weight rounding, the fast preset); les+adaround (both, DMQ's first half).
+block-wise learned weight rounding, the fast preset); les+adaround (both, DMQ's first half);
+dmq (LES with timestep weighting + AdaRound + PTS voted on the skip layers); pts-mse-skip (PTS
+chosen by plain MSE instead of voting); pts-vote-all-layers (PTS voted on every conv);
+dmq-shared-les+adaround (the shared calibration of the three, without PTS: the same numbers as
+les+adaround up to float rounding, a check). The dmq rows share one LES + AdaRound calibration
+per model and bits (neither stage sees PTS); their calib_s is that shared time plus their own.
 Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the full run (1000 samples, 32 per step) makes README's table. The last line printed
@@ -29,6 +34,7 @@ is JSON: a list of rows {"model", "bits", "method", "fid", "eps_sqnr_db", "psnr_
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -39,8 +45,11 @@ import torch
 import torch.nn.functional as F
 from baselines import parse_bits, torchao_fx_quantize
 from diffusers import DDIMScheduler
+from dmq_fx.observers import PowerOfTwoFakeQuantize
+from dmq_fx.passes import input_quantizer_name, skip_connection_layers
 
 import dmq_fx
+from dmq_fx.annotate import quantized_layer_nodes
 from dmq_fx.calibration import CalibrationData, collect_calibration_data
 from dmq_fx.datasets import load_fashion_mnist
 from dmq_fx.evaluation import (
@@ -50,6 +59,7 @@ from dmq_fx.evaluation import (
     frechet_distance,
     psnr_db,
 )
+from dmq_fx.pts import pts_quantizers
 from dmq_fx.reference_models import (
     guided_eps,
     load_fashion16_text,
@@ -127,6 +137,57 @@ def _torchao_fx(unet, bits, calib: CalibrationData):
     )
 
 
+_SHARED: dict = {}
+_SHARED_STAGES = ("learn_les", "observe_activations", "observe_weights", "adaround")
+
+
+def _les_adaround_with_pts_everywhere(unet, bits, calib: CalibrationData):
+    """LES + AdaRound (fast presets) on a graph whose every conv has a PTS quantizer.
+
+    Neither stage sees PTS (LES quantizes its unit per tensor, AdaRound leaves activations
+    float), so les+adaround, dmq and its PTS ablations share this one calibration; a PTS
+    quantizer whose exponents are all D is the plain per-tensor quantizer.
+    """
+    key = (id(unet), bits)
+    if key not in _SHARED:
+        _SHARED.clear()
+        t = time.perf_counter()
+        wb, ab = parse_bits(bits)
+        example = next(calib.batches(8, shuffle=False))
+        mapping = dmq_fx.get_default_qconfig_mapping(wb, ab)
+        prepared = dmq_fx.prepare_fx(unet, mapping, *example, les=True, pts="all")
+        batches = list(calib.batches(32, seed=0))
+        dmq_fx.calibrate(prepared, batches, _SHARED_STAGES, progress=False)
+        skip = {n.target for n in skip_connection_layers(dmq_fx.trace(unet, *example))}
+        _SHARED[key] = (prepared, batches, skip, time.perf_counter() - t)
+    return _SHARED[key]
+
+
+def _dmq_variant(pts_layers: str | None, selection: str = "vote"):
+    """dmq (pts_layers "skip", voting), its PTS ablations, or les+adaround (no PTS)."""
+
+    def build(unet, bits, calib: CalibrationData):
+        shared, batches, skip, shared_s = _les_adaround_with_pts_everywhere(unet, bits, calib)
+        t = time.perf_counter()
+        prepared = copy.deepcopy(shared)
+        prepared.meta = copy.deepcopy(shared.meta)
+        if pts_layers is not None:
+            for q in pts_quantizers(prepared):
+                q.observer.selection = selection
+            dmq_fx.calibrate(prepared, batches, ["vote_pts"], progress=False)
+            for node in quantized_layer_nodes(prepared):
+                if pts_layers == "skip" and node.target not in skip:
+                    n = len(node.meta["dmq_fx"].input_groups)
+                    for g in range(n):
+                        q = prepared.get_submodule(input_quantizer_name(node.target, g, n))
+                        if isinstance(q, PowerOfTwoFakeQuantize):
+                            q.observer.exponents = torch.zeros(0, dtype=torch.long)  # plain s
+        lowered = dmq_fx.convert_fx(prepared, "x86")
+        return lowered, round(shared_s + time.perf_counter() - t, 1)
+
+    return build
+
+
 METHODS: dict[str, Callable | None] = {
     "fp": None,
     "torchao-fx": _torchao_fx,
@@ -135,6 +196,10 @@ METHODS: dict[str, Callable | None] = {
     "les": _dmq_fx("les"),
     "adaround": _dmq_fx("adaround"),
     "les+adaround": _dmq_fx("les+adaround"),
+    "dmq": _dmq_variant("skip"),
+    "pts-mse-skip": _dmq_variant("skip", selection="mse"),
+    "pts-vote-all-layers": _dmq_variant("all"),
+    "dmq-shared-les+adaround": _dmq_variant(None),
 }
 
 
@@ -263,6 +328,8 @@ def main() -> None:
                     t = time.perf_counter()
                     q_unet = METHODS[method](ref.unet, bits, calib)
                     calib_s = round(time.perf_counter() - t, 1)
+                    if isinstance(q_unet, tuple):  # (graph, its own calibration time)
+                        q_unet, calib_s = q_unet
                     if q_unet is None:
                         continue
                 row = {"model": ref.name, "bits": bits, "method": method}
