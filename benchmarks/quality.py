@@ -21,6 +21,7 @@ average min/max activations); smoothquant (fixed alpha 0.5, then min-max, same l
 block-wise learned weight rounding, the fast preset); les+adaround (both, DMQ's first half);
 dmq (LES with timestep weighting + AdaRound + PTS voted on the skip layers); pts-mse-skip (PTS
 chosen by plain MSE instead of voting); pts-vote-all-layers (PTS voted on every conv);
+no-timestep-weighting (dmq with LES's loss unweighted across timesteps);
 dmq-shared-les+adaround (the shared calibration of the three, without PTS: the same numbers as
 les+adaround up to float rounding, a check). The dmq rows share one LES + AdaRound calibration
 per model and bits (neither stage sees PTS); their calib_s is that shared time plus their own.
@@ -138,17 +139,16 @@ def _torchao_fx(unet, bits, calib: CalibrationData):
 
 
 _SHARED: dict = {}
-_SHARED_STAGES = ("learn_les", "observe_activations", "observe_weights", "adaround")
 
 
-def _les_adaround_with_pts_everywhere(unet, bits, calib: CalibrationData):
+def _les_adaround_with_pts_everywhere(unet, bits, calib: CalibrationData, weighting: str):
     """LES + AdaRound (fast presets) on a graph whose every conv has a PTS quantizer.
 
     Neither stage sees PTS (LES quantizes its unit per tensor, AdaRound leaves activations
     float), so les+adaround, dmq and its PTS ablations share this one calibration; a PTS
     quantizer whose exponents are all D is the plain per-tensor quantizer.
     """
-    key = (id(unet), bits)
+    key = (id(unet), bits, weighting)
     if key not in _SHARED:
         _SHARED.clear()
         t = time.perf_counter()
@@ -157,17 +157,25 @@ def _les_adaround_with_pts_everywhere(unet, bits, calib: CalibrationData):
         mapping = dmq_fx.get_default_qconfig_mapping(wb, ab)
         prepared = dmq_fx.prepare_fx(unet, mapping, *example, les=True, pts="all")
         batches = list(calib.batches(32, seed=0))
-        dmq_fx.calibrate(prepared, batches, _SHARED_STAGES, progress=False)
+        stages = [
+            dmq_fx.LearnLES(weighting=weighting),
+            "observe_activations",
+            "observe_weights",
+            "adaround",
+        ]
+        dmq_fx.calibrate(prepared, batches, stages, progress=False)
         skip = {n.target for n in skip_connection_layers(dmq_fx.trace(unet, *example))}
         _SHARED[key] = (prepared, batches, skip, time.perf_counter() - t)
     return _SHARED[key]
 
 
-def _dmq_variant(pts_layers: str | None, selection: str = "vote"):
+def _dmq_variant(pts_layers: str | None, selection: str = "vote", weighting: str = "adaptive"):
     """dmq (pts_layers "skip", voting), its PTS ablations, or les+adaround (no PTS)."""
 
     def build(unet, bits, calib: CalibrationData):
-        shared, batches, skip, shared_s = _les_adaround_with_pts_everywhere(unet, bits, calib)
+        shared, batches, skip, shared_s = _les_adaround_with_pts_everywhere(
+            unet, bits, calib, weighting
+        )
         t = time.perf_counter()
         prepared = copy.deepcopy(shared)
         prepared.meta = copy.deepcopy(shared.meta)
@@ -200,6 +208,7 @@ METHODS: dict[str, Callable | None] = {
     "pts-mse-skip": _dmq_variant("skip", selection="mse"),
     "pts-vote-all-layers": _dmq_variant("all"),
     "dmq-shared-les+adaround": _dmq_variant(None),
+    "no-timestep-weighting": _dmq_variant("skip", weighting="uniform"),
 }
 
 

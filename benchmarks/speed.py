@@ -1,9 +1,13 @@
 """fp32 eager vs lowered int8 graphs on the DDPM-CIFAR10 UNet (random weights).
 
-    python benchmarks/speed.py [--bits w8a8 w8a7 w4a8] [--batches 1 8] [--repeats 15] [--no-torchao]
+    python benchmarks/speed.py [--bits w8a8 w8a7 w4a8] [--dmq-bits w4a8] [--batches 1 8]
+        [--repeats 15] [--no-torchao]
 
-Rows: dmq_fx's x86 lowering at each bit setting, and torch.ao's own FX PTQ (x86 default qconfig,
-which quantizes activations to 7 bits: reduce_range) on the graph from dmq_fx.trace. Every repeat
+Rows: dmq_fx's x86 lowering at each bit setting; the DMQ-structured graph ("dmq_fx les+pts",
+--dmq-bits, default w4a8: LES scales (SmoothQuant's closed form standing in for learned tau: the
+same lowering) and PTS on the skip layers, lowered as integer shifts); and torch.ao's own FX PTQ
+(x86 default qconfig, which quantizes activations to 7 bits: reduce_range) on the graph from
+dmq_fx.trace. Every repeat
 times fp32 and every quantized graph back to back (interleaved), so machine load hits all alike;
 medians are reported. The last line printed is a JSON list with one object per run:
 {"config", "batch", "bits", "method", "fp32_ms", "quant_ms", "speedup", "int8_layers", "layers"}.
@@ -23,11 +27,23 @@ import dmq_fx
 from dmq_fx.quantized_modules import QuantizedLayer, cpu_has_int8_dot_product
 from dmq_fx.unet_configs import DDPM_CIFAR10, build_unet, example_inputs
 
+#: the DMQ graph's structure without the learning: SmoothQuant's closed-form tau stands in for
+#: learned LES (same lowering: per-channel quantize steps or norm folding), PTS voted on the skip
+#: layers; AdaRound changes integer values only, not the graph
+DMQ_STRUCTURE_STAGES = ("smoothquant", "observe_activations", "vote_pts", "observe_weights")
 
-def dmq_fx_graph(model, bits: str, calib):
+
+def dmq_fx_graph(model, bits: str, calib, dmq: bool = False):
     wb, ab = parse_bits(bits)
-    prepared = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(wb, ab), *calib[0])
-    dmq_fx.calibrate(prepared, calib, progress=False)
+    prepared = dmq_fx.prepare_fx(
+        model,
+        dmq_fx.get_default_qconfig_mapping(wb, ab),
+        *calib[0],
+        les=dmq,
+        pts="skip" if dmq else None,
+    )
+    stages = DMQ_STRUCTURE_STAGES if dmq else dmq_fx.DEFAULT_STAGES
+    dmq_fx.calibrate(prepared, calib, stages, progress=False)
     quant = dmq_fx.convert_fx(prepared, "x86")
     forms = [m.form for m in quant.modules() if isinstance(m, QuantizedLayer)]
     return quant, forms.count("int8"), len(forms)
@@ -49,6 +65,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-torchao", action="store_true", help="skip torch.ao's own PTQ row")
+    ap.add_argument(
+        "--dmq-bits", nargs="*", default=["w4a8"], help="bits of the DMQ-structured graph rows"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -60,6 +79,10 @@ def main() -> None:
     )
     calib = [example_inputs(model, batch=4, seed=s) for s in range(2)]
     graphs = [("dmq_fx", bits, *dmq_fx_graph(model, bits, calib)) for bits in args.bits]
+    graphs += [
+        ("dmq_fx les+pts", bits, *dmq_fx_graph(model, bits, calib, dmq=True))
+        for bits in args.dmq_bits
+    ]
     if not args.no_torchao:
         graphs.append(("torchao-fx", "w8a8 (a7 reduce_range)", *torchao_fx_graph(model, calib)))
     results = []

@@ -1,0 +1,102 @@
+"""Peak resident memory and time of each stage of a DMQ calibration on a UNet config.
+
+    python benchmarks/memory.py [--config ddpm-cifar10] [--samples 64] [--iterations 5]
+
+Builds the UNet from its diffusers config (random weights), prepares it at W4A8 with LES and PTS,
+and runs the ``dmq`` stages one at a time on ``--samples`` random calibration inputs (batches of
+32), then converts. Learning stages run ``--iterations`` steps per unit: memory is set by what a
+unit holds (its captured inputs and outputs), not by the iteration count, so a short run measures
+it. A thread samples VmRSS every 20 ms; each stage reports its peak and its wall time, with the FP
+model's parameter size for scale. The last line printed is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+
+import torch
+
+import dmq_fx
+from dmq_fx.unet_configs import DDPM_CIFAR10, SD15, build_unet, example_inputs
+
+CONFIGS = {"ddpm-cifar10": DDPM_CIFAR10, "sd15": SD15}
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+class PeakRSS:
+    """Context manager: the peak VmRSS (MiB) while its block runs, sampled every 20 ms."""
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self.start = time.perf_counter()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, rss_mib())
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mib())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="ddpm-cifar10")
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+
+    def stage(name, fn):
+        with PeakRSS() as m:
+            out = fn()
+        row = {"stage": name, "peak_rss_mib": round(m.peak), "seconds": round(m.seconds, 1)}
+        print(row, flush=True)
+        rows.append(row)
+        return out
+
+    model = stage("build", lambda: build_unet(CONFIGS[args.config]))
+    param_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    batches = [
+        example_inputs(model, batch=min(32, args.samples - i), seed=i)
+        for i in range(0, args.samples, 32)
+    ]
+    mapping = dmq_fx.get_default_qconfig_mapping(4, 8)
+    prepared = stage(
+        "trace+prepare",
+        lambda: dmq_fx.prepare_fx(model, mapping, *batches[0], les=True, pts="skip"),
+    )
+    stages = [
+        ("learn_les", dmq_fx.LearnLES(iterations=args.iterations)),
+        ("observe_activations", "observe_activations"),
+        ("vote_pts", "vote_pts"),
+        ("observe_weights", "observe_weights"),
+        ("adaround", dmq_fx.AdaRound(iterations=args.iterations)),
+    ]
+    for name, s in stages:
+        stage(name, lambda s=s: dmq_fx.calibrate(prepared, batches, [s], progress=True))
+    stage("convert", lambda: dmq_fx.convert_fx(prepared, "x86"))
+    print(f"{args.config}: FP parameters {param_mib:.0f} MiB, {args.samples} calibration samples")
+    print(json.dumps({"config": args.config, "param_mib": round(param_mib), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
