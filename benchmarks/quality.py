@@ -149,8 +149,7 @@ def _les_adaround_with_pts_everywhere(unet, bits, calib: CalibrationData, weight
     quantizer whose exponents are all D is the plain per-tensor quantizer.
     """
     key = (id(unet), bits, weighting)
-    if key not in _SHARED:
-        _SHARED.clear()
+    if key not in _SHARED:  # kept for every bits: the main loop alternates them
         t = time.perf_counter()
         wb, ab = parse_bits(bits)
         example = next(calib.batches(8, shuffle=False))
