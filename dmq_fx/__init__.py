@@ -14,6 +14,7 @@ from .errors import (
     ConvertError,
     DMQError,
     InputMismatchError,
+    TimestepOutOfGridError,
     TraceError,
 )
 from .les import LearnLES, SmoothQuantScales
@@ -37,6 +38,7 @@ __all__ = [
     "InputMismatchError",
     "LearnLES",
     "SmoothQuantScales",
+    "TimestepOutOfGridError",
     "TraceError",
     "adaround",
     "blocks",

@@ -54,6 +54,9 @@ class LayerQuantSpec:
     #: with PTS: the options of the layer's PowerOfTwoVotingObserver (max_shift, kappa,
     #: selection); its input quantizers then use per-channel power-of-two steps.
     pts: dict | None = None
+    #: with per-timestep activation tables: the input quantizers keep one set of qparams (and
+    #: PTS exponents) per calibrated timestep, chosen by the timestep of the call.
+    timestep_table: bool = False
 
 
 def make_fake_quantize(ctor) -> FakeQuantizeBase:
@@ -121,6 +124,7 @@ def annotate_quantization(
     les: bool = False,
     pts: str | None = None,
     pts_options: dict | None = None,
+    timestep_tables: bool = False,
 ) -> fx.GraphModule:
     """Record a :class:`LayerQuantSpec` on every Conv2d / Linear node that is quantized.
 
@@ -133,7 +137,14 @@ def annotate_quantization(
     ``pts="skip"`` gives the skip-connection layers (:func:`dmq_fx.passes.skip_connection_layers`)
     channel-wise power-of-two activation steps, ``pts="all"`` every quantized conv (an
     ablation); ``pts_options`` go to their :class:`~dmq_fx.observers.PowerOfTwoVotingObserver`.
+    ``timestep_tables``: every layer's activation qparams become a table over the calibrated
+    timesteps (the graph must take a ``timestep`` input).
     """
+    if timestep_tables and "timestep" not in gm.meta.get("dmq_fx", {}).get("input_names", []):
+        raise ConfigError(
+            "timestep_tables=True selects activation qparams by the 'timestep' input, but the "
+            "traced model takes none"
+        )
     if pts not in (None, "skip", "all"):
         raise ConfigError(f"pts must be None, 'skip' or 'all', got {pts!r}")
     options = {"max_shift": 3, "kappa": 0.85, "selection": "vote", **(pts_options or {})}
@@ -187,5 +198,8 @@ def annotate_quantization(
             rewrites=rewrites,
             les_owner=les_owners.setdefault(inp, node.target) if les else None,
             pts=dict(options) if with_pts else None,
+            timestep_table=timestep_tables,
         )
+        if timestep_tables:
+            node.meta[ANNOTATION_KEY].rewrites.append("t-table")
     return gm

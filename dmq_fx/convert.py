@@ -9,6 +9,7 @@ from torch import fx
 
 from .annotate import LayerQuantSpec, quantized_layer_nodes
 from .errors import ConvertError
+from .observers import PowerOfTwoFakeQuantize
 from .passes import (
     LESScale,
     input_quantizer_name,
@@ -23,6 +24,7 @@ from .quantized_modules import (
     cpu_has_int8_dot_product,
     int16_pair_bound,
     quantize_uint8,
+    select_timestep_entry,
 )
 
 __all__ = ["BACKENDS", "convert_fx"]
@@ -132,6 +134,57 @@ def _quantize_node(
     return q, (own_node, zp_node, axis)
 
 
+def _select(gm, t_node: fx.Node, grid: torch.Tensor, table: torch.Tensor, name: str) -> fx.Node:
+    grid_node = _add_constant(gm, f"{name}_grid", grid.clone())
+    table_node = _add_constant(gm, f"{name}_table", table)
+    return gm.graph.call_function(select_timestep_entry, (t_node, grid_node, table_node))
+
+
+def _table_quantize_dequantize(gm, x: fx.Node, t_node: fx.Node, table, layer_node, suffix):
+    """Quantize and dequantize a layer input with the table entry of the call's timestep.
+
+    Per tensor: ``quantize_per_tensor.tensor`` with the selected ``(s, z)``; with LES and / or
+    PTS: ``quantize_per_channel`` with the selected steps ``(tau *) s * 2^(j_c - D)`` and
+    dequantization at the steps without ``tau`` (the integers stand for ``x / tau``).
+    """
+    graph = gm.graph
+    entries = list(table.entries)
+    base = f"{layer_node.target}_input{suffix}"
+    qmin, qmax = table.quant_min, table.quant_max
+    scales = torch.tensor([float(e.scale) for e in entries])
+    zps = torch.tensor([int(e.zero_point) for e in entries], dtype=torch.int32)
+    les = gm.get_submodule(x.target) if _is_les(gm, x) else None
+    pts = isinstance(entries[0], PowerOfTwoFakeQuantize)
+    if les is None and not pts:
+        s = _select(gm, t_node, table.grid, scales, f"{base}_scales")
+        z = _select(gm, t_node, table.grid, zps, f"{base}_zero_points")
+        q = graph.call_function(_qd.quantize_per_tensor.tensor, (x, s, z, qmin, qmax, torch.uint8))
+        return graph.call_function(
+            _qd.dequantize_per_tensor.tensor, (q, s, z, qmin, qmax, torch.uint8)
+        )
+    x0 = x.args[0] if les is not None else x
+    rank = len(x0.meta["tensor_meta"].shape)
+    axis = (les.channel_axis if les is not None else 1) % rank
+    channels = x0.meta["tensor_meta"].shape[axis]
+    own = scales[:, None].expand(-1, channels).clone()
+    if pts:
+        own = own * torch.stack([e.observer.channel_factors(channels) for e in entries])
+    steps = own
+    if les is not None:
+        offset = x.args[1] if len(x.args) > 1 else 0
+        steps = own * les.tau.detach().float()[offset : offset + channels]
+    zp_rows = zps[:, None].expand(-1, channels).contiguous()
+    step = _select(gm, t_node, table.grid, steps.contiguous(), f"{base}_steps")
+    own_step = _select(gm, t_node, table.grid, own.contiguous(), f"{base}_int_steps")
+    z = _select(gm, t_node, table.grid, zp_rows, f"{base}_zero_points")
+    q = graph.call_function(
+        _qd.quantize_per_channel.default, (x0, step, z, axis, qmin, qmax, torch.uint8)
+    )
+    return graph.call_function(
+        _qd.dequantize_per_channel.default, (q, own_step, z, axis, qmin, qmax, torch.uint8)
+    )
+
+
 def _shifted_weights(weights, factors: list[torch.Tensor], max_shift: int):
     """PTS weights as int8 ``(W_int - z_w) << j_c`` (zero point 0), or None if one overflows."""
     out = []
@@ -143,6 +196,44 @@ def _shifted_weights(weights, factors: list[torch.Tensor], max_shift: int):
             return None
         out.append((shifted.to(torch.int8), scale, torch.zeros_like(zp)))
     return out
+
+
+def _lowered_inputs(gm, node, quant_nodes, act_qparams, form, pts_form, factors, fqs):
+    """The quantize (and, in reference form, dequantize) nodes of a layer's input groups."""
+    graph = gm.graph
+    new_inputs = []
+    with graph.inserting_before(node):
+        for g, (qnode, (s, z, amin, amax)) in enumerate(zip(quant_nodes, act_qparams)):
+            suffix = f"_{g}" if len(quant_nodes) > 1 else ""
+            factor = None if factors is None else factors[g]
+            if pts_form == "pts:shift":
+                s = s * 2 ** fqs[g].observer.max_shift  # quantize with the tensor's own s
+            q, per_channel = _quantize_node(
+                gm, qnode.args[0], (s, z, amin, amax), form, node, suffix, factor
+            )
+            if form == "int8":
+                new_inputs.append(q)
+            elif pts_form == "pts:dequant":
+                steps, zps, axis = per_channel
+                new_inputs.append(
+                    graph.create_node(
+                        "call_function",
+                        _qd.dequantize_per_channel.default,
+                        (q, steps, zps, axis, amin, amax, torch.uint8),
+                        name=f"{node.name}_input_dq{suffix}",
+                    )
+                )
+            else:
+                s_kernel = act_qparams[g][0]
+                new_inputs.append(
+                    graph.create_node(
+                        "call_function",
+                        _qd.dequantize_per_tensor.default,
+                        (q, s_kernel, z, amin, amax, torch.uint8),
+                        name=f"{node.name}_input_dq{suffix}",
+                    )
+                )
+    return new_inputs
 
 
 def _foldable_norm(gm: fx.GraphModule, les_node: fx.Node) -> torch.nn.Module | None:
@@ -243,7 +334,7 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
         quant_nodes = [node.args[0]] if n_groups == 1 else list(node.args[0].args[0])
         cat = node.args[0] if n_groups > 1 else None
         act_qparams = []
-        for g in range(n_groups):
+        for g in range(n_groups * (not spec.timestep_table)):
             fq = gm.get_submodule(input_quantizer_name(node.target, g, n_groups))
             act_qparams.append(
                 (float(fq.scale), int(fq.zero_point), int(fq.quant_min), int(fq.quant_max))
@@ -255,7 +346,34 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
             spec.les_tau = (float(tau.min()), float(tau.max()))
         weights, qmin, qmax = _integer_weights(layer, spec)
         factors, pts_form = None, None
-        if spec.pts is not None:
+        act_table = None
+        if spec.timestep_table:
+            # qparams chosen at run time: dequantized before the float conv (reference form)
+            form = "reference"
+            tables = [
+                gm.get_submodule(input_quantizer_name(node.target, g, n_groups))
+                for g in range(n_groups)
+            ]
+            if any(not len(t.entries) for t in tables):
+                raise ConvertError(f"layer '{node.target}': its timestep table is empty")
+            act_qparams = [
+                (float(t.entries[0].scale), int(t.entries[0].zero_point), t.quant_min, t.quant_max)
+                for t in tables
+            ]
+            act_table = [
+                (float(e.scale), int(e.zero_point), t.quant_min, t.quant_max)
+                for t in tables
+                for e in t.entries
+            ]
+            spec.rewrites = ["pts:dequant" if r == "pts" else r for r in spec.rewrites]
+            with graph.inserting_before(node):
+                new_inputs = [
+                    _table_quantize_dequantize(
+                        gm, q.args[0], q.args[1], t, node, f"_{g}" if n_groups > 1 else ""
+                    )
+                    for g, (q, t) in enumerate(zip(quant_nodes, tables))
+                ]
+        elif spec.pts is not None:
             fqs = [
                 gm.get_submodule(input_quantizer_name(node.target, g, n_groups))
                 for g in range(n_groups)
@@ -270,41 +388,20 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
             else:
                 pts_form = "pts:dequant"
             spec.rewrites = [pts_form if r == "pts" else r for r in spec.rewrites]
-        form = _choose_form(backend, weights, act_qparams, qmin, qmax)
-        if pts_form == "pts:dequant":
-            form = "reference"  # per-channel steps: dequantized before a float conv
-        new_inputs = []
-        with graph.inserting_before(node):
-            for g, (qnode, (s, z, amin, amax)) in enumerate(zip(quant_nodes, act_qparams)):
-                suffix = f"_{g}" if n_groups > 1 else ""
-                factor = None if factors is None else factors[g]
-                if pts_form == "pts:shift":
-                    s = s * 2 ** fqs[g].observer.max_shift  # quantize with the tensor's own s
-                q, per_channel = _quantize_node(
-                    gm, qnode.args[0], (s, z, amin, amax), form, node, suffix, factor
-                )
-                if form == "int8":
-                    new_inputs.append(q)
-                elif pts_form == "pts:dequant":
-                    steps, zps, axis = per_channel
-                    new_inputs.append(
-                        graph.create_node(
-                            "call_function",
-                            _qd.dequantize_per_channel.default,
-                            (q, steps, zps, axis, amin, amax, torch.uint8),
-                            name=f"{node.name}_input_dq{suffix}",
-                        )
-                    )
-                else:
-                    s_kernel = act_qparams[g][0]
-                    new_inputs.append(
-                        graph.create_node(
-                            "call_function",
-                            _qd.dequantize_per_tensor.default,
-                            (q, s_kernel, z, amin, amax, torch.uint8),
-                            name=f"{node.name}_input_dq{suffix}",
-                        )
-                    )
+        if act_table is None:
+            form = _choose_form(backend, weights, act_qparams, qmin, qmax)
+            if pts_form == "pts:dequant":
+                form = "reference"  # per-channel steps: dequantized before a float conv
+            new_inputs = _lowered_inputs(
+                gm,
+                node,
+                quant_nodes,
+                act_qparams,
+                form,
+                pts_form,
+                factors,
+                fqs if factors else None,
+            )
         node.args = tuple(new_inputs)
         for dead in ([cat] if cat is not None else []) + quant_nodes:
             les_inputs = [a for a in dead.args if _is_les(gm, a)]
@@ -329,6 +426,8 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
                 spec.module_type,
             ),
         )
+        if act_table is not None:
+            gm.get_submodule(node.target).act_table = act_table  # for summary()
     for owner in les_owners:
         gm.delete_submodule(les_scale_name(owner))
     graph.lint()

@@ -30,3 +30,8 @@ class CalibrationError(DMQError, RuntimeError):
 
 class ConvertError(DMQError, RuntimeError):
     """A prepared model could not be lowered to a static quantized graph."""
+
+
+class TimestepOutOfGridError(InputMismatchError):
+    """A graph with per-timestep activation tables was called at a timestep outside the grid of
+    timesteps it was calibrated on (or with several timesteps in one lowered call)."""

@@ -28,6 +28,7 @@ def prepare_fx(
     les: bool = False,
     pts: str | None = None,
     pts_options: dict | None = None,
+    timestep_tables: bool = False,
 ) -> fx.GraphModule:
     """Prepare ``model`` for post-training quantization, like torch.ao's ``prepare_fx``.
 
@@ -42,7 +43,9 @@ def prepare_fx(
     learned by the ``learn_les`` calibration stage or set by ``smoothquant``). ``pts="skip"``:
     channel-wise power-of-two activation steps on the skip-connection layers (``"all"``: on
     every quantized conv), chosen by the ``vote_pts`` stage; ``pts_options``: ``max_shift`` (D,
-    default 3), ``kappa`` (0.85), ``selection`` (``"vote"`` or ``"mse"``).
+    default 3), ``kappa`` (0.85), ``selection`` (``"vote"`` or ``"mse"``). ``timestep_tables``:
+    one set of activation qparams (and PTS exponents) per calibrated timestep, selected by the
+    call's timestep, as in DMQ's code; off: one set shared by all timesteps.
     """
     if isinstance(qconfig_mapping, dict):
         qconfig_mapping = QConfigMapping.from_dict(qconfig_mapping)
@@ -69,6 +72,7 @@ def prepare_fx(
         les=les,
         pts=pts,
         pts_options=pts_options,
+        timestep_tables=timestep_tables,
     )
     insert_quantizers(gm)
     if les:

@@ -18,41 +18,57 @@ from tqdm.auto import tqdm
 
 from .calibrate import PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
 from .errors import ConfigError
-from .observers import PowerOfTwoFakeQuantize
+from .observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
 
 __all__ = ["pts_quantizers", "vote_pts"]
 
 
 def pts_quantizers(gm: fx.GraphModule) -> list[PowerOfTwoFakeQuantize]:
-    """The power-of-two input quantizers of ``gm``, in graph order."""
-    return [q for q in input_quantizers(gm) if isinstance(q, PowerOfTwoFakeQuantize)]
+    """The power-of-two input quantizers of ``gm`` (every timestep's entry of a per-timestep
+    table), in graph order."""
+    out = []
+    for q in input_quantizers(gm):
+        entries = list(q.entries) if isinstance(q, TimestepTableFakeQuantize) else [q]
+        out += [e for e in entries if isinstance(e, PowerOfTwoFakeQuantize)]
+    return out
+
+
+def _has_pts(q) -> bool:
+    if isinstance(q, TimestepTableFakeQuantize):
+        return isinstance(q.template, PowerOfTwoFakeQuantize)
+    return isinstance(q, PowerOfTwoFakeQuantize)
 
 
 def vote_pts(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
-    """Stage: count every sample's votes and fix each PTS channel's exponent."""
-    quantizers = pts_quantizers(gm)
-    if not quantizers:
+    """Stage: count every sample's votes and fix each PTS channel's exponent (per timestep
+    with per-timestep tables: each sample votes in its own timestep's entry)."""
+    containers = [q for q in input_quantizers(gm) if _has_pts(q)]
+    if not containers:
         raise ConfigError(
             "calibration stage 'vote_pts' chooses power-of-two steps, but the graph has no PTS "
             "layer: prepare it with dmq_fx.prepare_fx(..., pts='skip')"
         )
-    for q in quantizers:
-        if not torch.isfinite(q.observer.min_val).all():
-            raise ConfigError(
-                "vote_pts votes on the observed activation ranges: run 'observe_activations' first"
-            )
+    quantizers = pts_quantizers(gm)
+    observed = all(
+        len(q.entries) for q in containers if isinstance(q, TimestepTableFakeQuantize)
+    ) and all(torch.isfinite(q.observer.min_val).all() for q in quantizers)
+    if not observed:
+        raise ConfigError(
+            "vote_pts votes on the observed activation ranges: run 'observe_activations' first"
+        )
     for fq in input_quantizers(gm) + weight_quantizers(gm):
         fq.disable_observer()
         fq.disable_fake_quant()
     for q in quantizers:
         q.observer.start_voting()
+    for q in containers:
         q.enable_observer()
     try:
         with torch.no_grad():
             for args, kwargs in tqdm(batches, desc="vote PTS", disable=not progress):
                 gm(*args, **kwargs)
     finally:
-        for q in quantizers:
+        for q in containers:
             q.disable_observer()
     for q in quantizers:
         q.observer.finish_voting()

@@ -20,7 +20,16 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 import torch.nn.functional as F
 
-__all__ = ["QuantizedLayer", "cpu_has_int8_dot_product", "int16_pair_bound", "quantize_uint8"]
+from .errors import TimestepOutOfGridError
+from .observers import nearest_grid_index
+
+__all__ = [
+    "QuantizedLayer",
+    "cpu_has_int8_dot_product",
+    "int16_pair_bound",
+    "quantize_uint8",
+    "select_timestep_entry",
+]
 
 _qd = torch.ops.quantized_decomposed
 #: Largest int16: AVX2 int8 kernels saturate pairs of u8 x s8 products above it.
@@ -38,6 +47,22 @@ def quantize_uint8(
     return (
         torch.round(x * (1.0 / scale)).add_(zero_point).clamp_(quant_min, quant_max).to(torch.uint8)
     )
+
+
+def select_timestep_entry(timestep, grid: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The row of ``table`` for the calibrated timestep nearest to the call's ``timestep``.
+
+    A lowered graph quantizes a whole batch with one entry, so every sample of the call must
+    share one timestep (samplers call the UNet so); a timestep outside the calibrated range or a
+    mix raises :class:`~dmq_fx.errors.TimestepOutOfGridError`.
+    """
+    t = torch.as_tensor(timestep).reshape(-1)
+    if t.numel() > 1 and not bool((t == t[0]).all()):
+        raise TimestepOutOfGridError(
+            "a lowered graph with per-timestep activation tables quantizes a batch with one "
+            f"table entry: call it with one timestep per batch, got {t.unique().tolist()}"
+        )
+    return table[int(nearest_grid_index(grid, t[:1])[0])]
 
 
 @functools.cache

@@ -71,7 +71,9 @@ def summary(gm: fx.GraphModule, print_table: bool = False) -> QuantSummary:
     LES vector, ``-`` without LES), ``form`` (``observing``, ``fake-quant``, ``reference`` or
     ``int8``) and ``dmq`` (DMQ rewrites: ``split``; ``les`` before conversion, then ``les:norm``
     (1/tau folded into the norm before the layer) or ``les:step`` (merged into a per-channel
-    quantize step tau * s)).
+    quantize step tau * s); ``pts``, then ``pts:shift`` (integer shifts) or ``pts:dequant``;
+    ``adaround``; ``t-table`` (per-timestep activation qparams: act_scale / act_zp then range
+    over the timesteps)).
     """
     meta = gm.meta.get("dmq_fx", {})
     state = meta.get("state", "traced")
@@ -81,14 +83,15 @@ def summary(gm: fx.GraphModule, print_table: bool = False) -> QuantSummary:
         mod = gm.get_submodule(node.target)
         n = len(spec.input_groups)
         if isinstance(mod, QuantizedLayer):
-            act = [(s, z) for s, z, _, _ in mod.act_qparams]
+            act = [(s, z) for s, z, _, _ in getattr(mod, "act_table", mod.act_qparams)]
             w_scales = [float(v) for g in range(n) for v in getattr(mod, f"weight_scale_{g}")]
             form = mod.form
             tau = list(spec.les_tau or ())
         else:
             fqs = [gm.get_submodule(input_quantizer_name(node.target, g, n)) for g in range(n)]
             calibrated = state == "calibrated"
-            act = [(float(fq.scale), int(fq.zero_point)) for fq in fqs] if calibrated else []
+            entries = [e for fq in fqs for e in getattr(fq, "entries", [fq])]
+            act = [(float(e.scale), int(e.zero_point)) for e in entries] if calibrated else []
             w_scales = (
                 [float(v) for fq in weight_quantizer(mod).fake_quants for v in fq.scale.reshape(-1)]
                 if calibrated

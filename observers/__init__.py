@@ -2,10 +2,18 @@
 
 from .mse import MSEGridSearchPerChannelObserver
 from .pts import PowerOfTwoFakeQuantize, PowerOfTwoVotingObserver, candidate_errors
+from .timestep_table import (
+    TimestepOutOfGridError,
+    TimestepTableFakeQuantize,
+    nearest_grid_index,
+)
 
 __all__ = [
     "MSEGridSearchPerChannelObserver",
     "PowerOfTwoFakeQuantize",
     "PowerOfTwoVotingObserver",
+    "TimestepOutOfGridError",
+    "TimestepTableFakeQuantize",
+    "nearest_grid_index",
     "candidate_errors",
 ]

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import torch
-from dmq_fx.observers import PowerOfTwoFakeQuantize, PowerOfTwoVotingObserver
+from dmq_fx.observers import (
+    PowerOfTwoFakeQuantize,
+    PowerOfTwoVotingObserver,
+    TimestepTableFakeQuantize,
+)
 from torch import fx
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.nn.utils import parametrize
@@ -129,6 +133,13 @@ def power_of_two_fake_quantize(
     )
 
 
+def _timestep_input(gm: fx.GraphModule) -> fx.Node:
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.target == "timestep":
+            return node
+    raise ValueError("per-timestep activation tables need a 'timestep' input")
+
+
 def input_quantizer_name(layer_target: str, group: int, num_groups: int) -> str:
     """Qualified name of the activation quantizer of ``layer_target``'s input ``group``."""
     return f"{layer_target}_input_quant" + (f"_{group}" if num_groups > 1 else "")
@@ -143,8 +154,11 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     weight parametrized by a :class:`GroupedWeightFakeQuantize`. For a split layer fed by
     ``torch.cat([a, b], 1)``, each of ``a`` and ``b`` gets its own quantizer
     (``<layer>_input_quant_0``, ``_1``) and a new concatenation of the quantized tensors feeds
-    the layer; the original concatenation keeps its other users. Observers start enabled and fake
-    quantization disabled, as in a torch.ao prepared model.
+    the layer; the original concatenation keeps its other users. A layer annotated for PTS gets
+    :class:`~dmq_fx.observers.PowerOfTwoFakeQuantize` input quantizers; with per-timestep tables
+    each input quantizer is a :class:`~dmq_fx.observers.TimestepTableFakeQuantize` called as
+    ``quant(x, timestep)``. Observers start enabled and fake quantization disabled, as in a
+    torch.ao prepared model.
     """
     for node in quantized_layer_nodes(gm):
         spec: LayerQuantSpec = node.meta["dmq_fx"]
@@ -156,11 +170,14 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
             fq = make_fake_quantize(spec.qconfig.activation)
             if spec.pts is not None:
                 fq = power_of_two_fake_quantize(fq, spec.pts, ch_axis=1)
+            if spec.timestep_table:
+                fq = TimestepTableFakeQuantize(fq)
             fq.disable_fake_quant()
             name = input_quantizer_name(node.target, g, n_groups)
             gm.add_submodule(name, fq)
             with gm.graph.inserting_before(node):
-                quantized.append(gm.graph.call_module(name, (inp,)))
+                args = (inp, _timestep_input(gm)) if spec.timestep_table else (inp,)
+                quantized.append(gm.graph.call_module(name, args))
         if n_groups == 1:
             new_input = quantized[0]
         else:
