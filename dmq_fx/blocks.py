@@ -126,18 +126,18 @@ def unit_graph(gm: fx.GraphModule, unit: ReconstructionUnit) -> tuple[fx.GraphMo
     return fx.GraphModule(gm, graph, class_name="ReconstructionUnit"), inputs, outputs
 
 
-class _StopForward(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a capture hook once what it needs is computed: the rest of the forward is
+    skipped."""
 
 
 @dataclasses.dataclass
 class CapturedInputs:
     """A unit's inputs over the calibration set: per input a tensor over samples (``batched``)
-    or one value shared by every batch; ``timesteps`` per sample (None if the model takes none)."""
+    or one value shared by every batch."""
 
     values: list[Any]
     batched: list[bool]
-    timesteps: torch.Tensor | None
 
     def __len__(self) -> int:
         return next(v.shape[0] for v, b in zip(self.values, self.batched) if b)
@@ -152,14 +152,12 @@ def capture_unit_inputs(
     inputs: Sequence[fx.Node],
     batches: Sequence[tuple[tuple, dict]],
     max_samples: int | None,
-    timesteps_of=None,
 ) -> CapturedInputs:
     """Run ``gm`` on the batches until ``inputs`` are computed, collecting their values.
 
     A tensor input whose first dimension is the batch's is per sample (concatenated, at most
     ``max_samples``); any other value must be the same in every batch. ``gm`` runs as it is
-    (put its quantizers in float mode first for FP inputs). ``timesteps_of(args, kwargs)``
-    gives the per-sample timesteps of a batch.
+    (put its quantizers in float mode first for FP inputs).
     """
     wanted = set(inputs)
     seen: dict[fx.Node, Any] = {}
@@ -170,17 +168,16 @@ def capture_unit_inputs(
             if n in wanted:
                 seen[n] = value
             if len(seen) == len(wanted):
-                raise _StopForward
+                raise StopForward
             return value
 
     interp = Capture(gm)
     collected: list[list[Any]] = [[] for _ in inputs]
-    steps: list[torch.Tensor] = []
     count = 0
     with torch.no_grad():
         for args, kwargs in batches:
             seen.clear()
-            with contextlib.suppress(_StopForward):
+            with contextlib.suppress(StopForward):
                 interp.run(*_bind(gm, args, kwargs))
             if len(seen) != len(wanted):
                 missing = [n.name for n in inputs if n not in seen]
@@ -188,10 +185,6 @@ def capture_unit_inputs(
             batch = _batch_size(args)
             for slot, n in zip(collected, inputs):
                 slot.append(seen[n])
-            if timesteps_of is not None:
-                t = timesteps_of(args, kwargs)
-                if t is not None:
-                    steps.append(t)
             count += batch
             if max_samples is not None and count >= max_samples:
                 break
@@ -213,8 +206,7 @@ def capture_unit_inputs(
         batched.append(per_sample)
     if not any(batched):
         raise CalibrationError("a reconstruction unit has no per-sample input")
-    t = torch.cat(steps)[:max_samples] if steps and len(steps) == len(collected[0]) else None
-    return CapturedInputs(values, batched, t)
+    return CapturedInputs(values, batched)
 
 
 def _batch_size(args: tuple) -> int:

@@ -134,8 +134,7 @@ def _quantize_node(
     return q, (own_node, zp_node, axis)
 
 
-def _select(gm, t_node: fx.Node, grid: torch.Tensor, table: torch.Tensor, name: str) -> fx.Node:
-    grid_node = _add_constant(gm, f"{name}_grid", grid.clone())
+def _select(gm, t_node: fx.Node, grid_node: fx.Node, table: torch.Tensor, name: str) -> fx.Node:
     table_node = _add_constant(gm, f"{name}_table", table)
     return gm.graph.call_function(select_timestep_entry, (t_node, grid_node, table_node))
 
@@ -155,9 +154,10 @@ def _table_quantize_dequantize(gm, x: fx.Node, t_node: fx.Node, table, layer_nod
     zps = torch.tensor([int(e.zero_point) for e in entries], dtype=torch.int32)
     les = gm.get_submodule(x.target) if _is_les(gm, x) else None
     pts = isinstance(entries[0], PowerOfTwoFakeQuantize)
+    grid = _add_constant(gm, f"{base}_grid", table.grid.clone())
     if les is None and not pts:
-        s = _select(gm, t_node, table.grid, scales, f"{base}_scales")
-        z = _select(gm, t_node, table.grid, zps, f"{base}_zero_points")
+        s = _select(gm, t_node, grid, scales, f"{base}_scales")
+        z = _select(gm, t_node, grid, zps, f"{base}_zero_points")
         q = graph.call_function(_qd.quantize_per_tensor.tensor, (x, s, z, qmin, qmax, torch.uint8))
         return graph.call_function(
             _qd.dequantize_per_tensor.tensor, (q, s, z, qmin, qmax, torch.uint8)
@@ -174,9 +174,9 @@ def _table_quantize_dequantize(gm, x: fx.Node, t_node: fx.Node, table, layer_nod
         offset = x.args[1] if len(x.args) > 1 else 0
         steps = own * les.tau.detach().float()[offset : offset + channels]
     zp_rows = zps[:, None].expand(-1, channels).contiguous()
-    step = _select(gm, t_node, table.grid, steps.contiguous(), f"{base}_steps")
-    own_step = _select(gm, t_node, table.grid, own.contiguous(), f"{base}_int_steps")
-    z = _select(gm, t_node, table.grid, zp_rows, f"{base}_zero_points")
+    step = _select(gm, t_node, grid, steps.contiguous(), f"{base}_steps")
+    own_step = _select(gm, t_node, grid, own.contiguous(), f"{base}_int_steps")
+    z = _select(gm, t_node, grid, zp_rows, f"{base}_zero_points")
     q = graph.call_function(
         _qd.quantize_per_channel.default, (x0, step, z, axis, qmin, qmax, torch.uint8)
     )

@@ -23,6 +23,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from .annotate import LayerQuantSpec
+from .blocks import StopForward
 from .calibrate import PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
 from .errors import CalibrationError, ConfigError
 from .passes import (
@@ -73,10 +74,6 @@ def _float_mode(gm: fx.GraphModule) -> None:
         fq.disable_fake_quant()
 
 
-class _StopForward(Exception):
-    pass
-
-
 def _capture_unit_inputs(
     gm: fx.GraphModule, owner: str, batches: Sequence[Batch], max_samples: int | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -93,14 +90,14 @@ def _capture_unit_inputs(
     def hook(module, inputs):
         x = inputs[0].detach()
         captured.append(x * les.broadcastable(x).detach())  # undo the current division
-        raise _StopForward
+        raise StopForward
 
     handle = layer.register_forward_pre_hook(hook)
     count = 0
     try:
         with torch.no_grad():
             for args, kwargs in batches:
-                with contextlib.suppress(_StopForward):
+                with contextlib.suppress(StopForward):
                     gm(*args, **kwargs)
                 t = batch_timesteps(gm, args, kwargs)
                 if t is not None:
