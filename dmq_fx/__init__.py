@@ -4,7 +4,7 @@ The workflow mirrors torch.ao's: ``trace`` (optional), ``prepare_fx``, ``calibra
 ``convert_fx``, then ``summary`` to inspect the result.
 """
 
-from . import adaround, blocks, calibration, datasets, les, pts
+from . import adaround, blocks, calibration, datasets, fbr, les, pts
 from .adaround import AdaRound
 from .calibrate import DEFAULT_STAGES, PRESETS, STAGES, calibrate
 from .convert import BACKENDS, convert_fx
@@ -17,6 +17,7 @@ from .errors import (
     TimestepOutOfGridError,
     TraceError,
 )
+from .fbr import FBR
 from .les import LearnLES, SmoothQuantScales
 from .prepare import prepare_fx
 from .qconfig import get_default_qconfig, get_default_qconfig_mapping
@@ -35,6 +36,7 @@ __all__ = [
     "ConfigError",
     "ConvertError",
     "DMQError",
+    "FBR",
     "InputMismatchError",
     "LearnLES",
     "SmoothQuantScales",
@@ -45,6 +47,7 @@ __all__ = [
     "calibrate",
     "calibration",
     "datasets",
+    "fbr",
     "les",
     "pts",
     "convert_fx",

@@ -26,7 +26,7 @@ from .calibrate import PRESETS, STAGES, Batch, input_quantizers, weight_quantize
 from .errors import ConfigError
 from .passes import weight_before_quantization, weight_quantizer
 
-__all__ = ["AdaRound", "rectified_sigmoid"]
+__all__ = ["AdaRound", "RoundingVariables", "annealed_beta", "rectified_sigmoid"]
 
 #: AdaRound's stretch of the sigmoid to (GAMMA, ZETA) before clipping to [0, 1]
 GAMMA, ZETA = -0.1, 1.1
@@ -43,9 +43,100 @@ def _initial_v(rest: torch.Tensor) -> torch.Tensor:
     return -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
 
 
+def unit_outputs(sub: fx.GraphModule, data, chunk: int = 256) -> dict[int, torch.Tensor]:
+    """``sub``'s outputs over every captured sample, without gradients: output index -> tensor,
+    for the float tensor outputs (the ones a reconstruction loss compares)."""
+    with torch.no_grad():
+        chunks = [sub(*data.select(slice(i, i + chunk))) for i in range(0, len(data), chunk)]
+    return {
+        i: torch.cat([c[i] for c in chunks])
+        for i, out in enumerate(chunks[0])
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() > 0
+    }
+
+
 def _output_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BRECQ's reconstruction loss: squared error summed over dim 1, mean over the rest."""
     return (pred - target).pow(2).sum(1).mean()
+
+
+def annealed_beta(
+    iteration: int, iterations: int, warmup: float, beta_start: float, beta_end: float
+) -> float:
+    """AdaRound's regulariser exponent: ``beta_start`` during the first ``warmup`` share of the
+    iterations, then linear down to ``beta_end``."""
+    start = warmup * iterations
+    if iteration < start:
+        return beta_start
+    progress = (iteration - start) / max(iterations - start, 1)
+    return beta_end + (beta_start - beta_end) * max(0.0, 1 - progress)
+
+
+class RoundingVariables:
+    """AdaRound's variables ``V`` for every weight group of some layers (shared by AdaRound and
+    FBR).
+
+    :meth:`start` initialises ``V`` so that ``h(V)`` is the fractional part of ``w / s`` (learning
+    starts at the float weight) and turns the layers' weight fake quantization on;
+    :meth:`apply_soft` makes the quantizers use ``h(V)`` (call it before every forward: the
+    parametrization is recomputed from it); :meth:`release` goes back to hard rounding;
+    :meth:`finish` stores ``V >= 0`` as the learned rounding and marks the layers "adaround".
+    """
+
+    def __init__(
+        self, layers: list[fx.Node], quantizers: list, variables: list[list[torch.Tensor]]
+    ):
+        self.layers, self.quantizers, self.variables = layers, quantizers, variables
+
+    @classmethod
+    def start(cls, gm: fx.GraphModule, layers: list[fx.Node]) -> RoundingVariables:
+        quantizers, variables = [], []
+        for node in layers:
+            layer = gm.get_submodule(node.target)
+            grouped = weight_quantizer(layer)
+            with torch.no_grad():
+                vs = []
+                for fq, part in zip(
+                    grouped.fake_quants, grouped.split(weight_before_quantization(layer))
+                ):
+                    scale = fq.scale.float().reshape(-1, *([1] * (part.dim() - 1)))
+                    scaled = part * (1.0 / scale)
+                    vs.append(_initial_v(scaled - torch.floor(scaled)).requires_grad_(True))
+            for fq in grouped.fake_quants:
+                fq.enable_fake_quant()
+            quantizers.append(grouped)
+            variables.append(vs)
+        return cls(layers, quantizers, variables)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [v for vs in self.variables for v in vs]
+
+    def fake_quants(self) -> list:
+        return [fq for grouped in self.quantizers for fq in grouped.fake_quants]
+
+    def apply_soft(self) -> None:
+        for grouped, vs in zip(self.quantizers, self.variables):
+            grouped.soft_rounding = [rectified_sigmoid(v) for v in vs]
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        """``sum(1 - |2 h(V) - 1|^beta)`` over every weight (the last :meth:`apply_soft`'s h)."""
+        return sum(
+            (1 - (2 * h - 1).abs().pow(beta)).sum()
+            for grouped in self.quantizers
+            for h in grouped.soft_rounding
+        )
+
+    def release(self) -> None:
+        for grouped in self.quantizers:
+            grouped.soft_rounding = None
+
+    def finish(self) -> None:
+        for grouped, vs in zip(self.quantizers, self.variables):
+            for g, v in enumerate(vs):
+                grouped.set_rounding(g, v.detach() >= 0)
+        for node in self.layers:
+            if "adaround" not in node.meta["dmq_fx"].rewrites:
+                node.meta["dmq_fx"].rewrites.append("adaround")
 
 
 @dataclasses.dataclass
@@ -85,12 +176,10 @@ class AdaRound:
         return cls(**{**paper, **overrides})
 
     def beta(self, iteration: int) -> float:
-        """The regulariser exponent: ``beta_start`` in the warm-up, then linear to ``beta_end``."""
-        start = self.warmup * self.iterations
-        if iteration < start:
-            return self.beta_start
-        progress = (iteration - start) / max(self.iterations - start, 1)
-        return self.beta_end + (self.beta_start - self.beta_end) * max(0.0, 1 - progress)
+        """The regulariser exponent at ``iteration`` (:func:`annealed_beta`)."""
+        return annealed_beta(
+            iteration, self.iterations, self.warmup, self.beta_start, self.beta_end
+        )
 
     def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
         for fq in weight_quantizers(gm):
@@ -119,68 +208,34 @@ class AdaRound:
         """Learn the rounding of ``unit``'s layers; returns the final reconstruction loss."""
         sub, inputs, _ = unit_graph(gm, unit)
         data = capture_unit_inputs(gm, inputs, batches, self.max_samples)
-        with torch.no_grad():
-            chunks = [sub(*data.select(slice(i, i + 256))) for i in range(0, len(data), 256)]
-        kept = [
-            i
-            for i, out in enumerate(chunks[0])
-            if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dim() > 0
-        ]
-        targets = {i: torch.cat([c[i] for c in chunks]) for i in kept}
-        grouped_quantizers, variables = [], []
-        for node in unit.layers:
-            layer = gm.get_submodule(node.target)
-            grouped = weight_quantizer(layer)
-            with torch.no_grad():
-                parts = grouped.split(weight_before_quantization(layer))
-                vs = []
-                for fq, part in zip(grouped.fake_quants, parts):
-                    scale = fq.scale.float().reshape(-1, *([1] * (part.dim() - 1)))
-                    scaled = part * (1.0 / scale)
-                    vs.append(_initial_v(scaled - torch.floor(scaled)).requires_grad_(True))
-            for fq in grouped.fake_quants:
-                fq.enable_fake_quant()
-            grouped_quantizers.append(grouped)
-            variables.append(vs)
-        params = [v for vs in variables for v in vs]
+        targets = unit_outputs(sub, data)
+        kept = list(targets)
+        rounding = RoundingVariables.start(gm, unit.layers)
         generator = torch.Generator().manual_seed(seed)
         last = math.nan
         try:
-            if params and self.iterations:
-                opt = torch.optim.Adam(params, lr=self.lr)
+            if rounding.parameters() and self.iterations:
+                opt = torch.optim.Adam(rounding.parameters(), lr=self.lr)
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.iterations)
                 for it in range(self.iterations):
                     n = min(self.batch_size, len(data))
                     idx = torch.randint(len(data), (n,), generator=generator)
-                    for grouped, vs in zip(grouped_quantizers, variables):
-                        grouped.soft_rounding = [rectified_sigmoid(v) for v in vs]
+                    rounding.apply_soft()
                     outs = sub(*data.select(idx))
                     rec = sum(_output_loss(outs[i], targets[i][idx]) for i in kept)
                     loss = rec
                     if it >= self.warmup * self.iterations:
-                        beta = self.beta(it)
-                        reg = sum(
-                            (1 - (2 * h - 1).abs().pow(beta)).sum()
-                            for grouped in grouped_quantizers
-                            for h in grouped.soft_rounding
-                        )
-                        loss = rec + self.reg_weight * reg
+                        loss = rec + self.reg_weight * rounding.regularizer(self.beta(it))
                     opt.zero_grad()
                     loss.backward()
                     opt.step()
                     sched.step()
                     last = float(rec.detach())
         finally:  # an interrupted unit keeps round-to-nearest
-            for grouped in grouped_quantizers:
-                grouped.soft_rounding = None
-                for fq in grouped.fake_quants:
-                    fq.disable_fake_quant()
-        for grouped, vs in zip(grouped_quantizers, variables):
-            for g, v in enumerate(vs):
-                grouped.set_rounding(g, v.detach() >= 0)
-        for node in unit.layers:
-            if "adaround" not in node.meta["dmq_fx"].rewrites:
-                node.meta["dmq_fx"].rewrites.append("adaround")
+            rounding.release()
+            for fq in rounding.fake_quants():  # AdaRound learns the next units on float inputs
+                fq.disable_fake_quant()
+        rounding.finish()
         return last
 
 

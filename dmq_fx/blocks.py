@@ -105,11 +105,16 @@ def reconstruction_units(
     return units
 
 
-def unit_graph(gm: fx.GraphModule, unit: ReconstructionUnit) -> tuple[fx.GraphModule, list, list]:
+def unit_graph(
+    gm: fx.GraphModule, unit: ReconstructionUnit, extra_outputs: Sequence[fx.Node] = ()
+) -> tuple[fx.GraphModule, list, list]:
     """``unit`` as a GraphModule ``(*inputs) -> tuple(outputs)`` sharing ``gm``'s modules.
 
     Returns it with its input nodes (values from outside the unit, in order) and its output
-    nodes (values used outside the unit) of ``gm``.
+    nodes (values used outside the unit) of ``gm``. ``extra_outputs`` (nodes of the unit, e.g.
+    its layers for FBR's per-layer loss) are returned after the outputs. The submodules are
+    ``gm``'s own, but their parents are fresh modules: replacing a submodule of the unit graph
+    (``set_submodule``) leaves ``gm`` as it is.
     """
     inside = set(unit.nodes)
     inputs: list[fx.Node] = []
@@ -122,7 +127,7 @@ def unit_graph(gm: fx.GraphModule, unit: ReconstructionUnit) -> tuple[fx.GraphMo
     env = {a: graph.placeholder(f"input_{i}") for i, a in enumerate(inputs)}
     for n in unit.nodes:
         env[n] = graph.node_copy(n, env.__getitem__)
-    graph.output(tuple(env[o] for o in outputs))
+    graph.output(tuple(env[o] for o in [*outputs, *extra_outputs]))
     return fx.GraphModule(gm, graph, class_name="ReconstructionUnit"), inputs, outputs
 
 

@@ -1,0 +1,325 @@
+"""EDA-DM's fine-grained block reconstruction (FBR, SPEC 2.2) as a calibration stage.
+
+Block by block in graph order (the units of :mod:`dmq_fx.blocks`: resnet blocks, attention and
+transformer blocks, lone layers on their own), with the units before it already quantized:
+
+- the unit's inputs are captured twice, from the float model (``x_fp``) and from the model
+  quantized up to this unit (``x_q``); every training batch mixes them element by element,
+  ``x_fp`` with probability ``fp_share`` (QDrop-style, 50/50 by default);
+- the targets are the float model's unit outputs and the float outputs of every quantized
+  layer of the unit except the last, all on ``x_fp``;
+- the loss is :func:`fbr_loss`: the output error plus ``layer_weight`` (lambda_m, 0.8) times
+  the sum of those layers' output errors, with each error BRECQ's squared error summed over
+  channels and averaged over the rest;
+- it learns the weights' AdaRound rounding (:class:`dmq_fx.adaround.RoundingVariables`) and the
+  activation steps of the unit's input quantizers (LSQ: the step is a parameter of torch's
+  learnable fake quantization; a PTS quantizer learns its per-tensor step ``s`` with its
+  power-of-two channel factors fixed), with Adam and cosine decay, zero points fixed.
+
+Activation quantizers with per-timestep tables keep their observed steps (EDA-DM shares one
+set of activation parameters across timesteps); their layers' rounding is still learned. After
+a unit is learned its quantizers stay on, so the next unit sees quantized inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import fx
+from torch.ao.quantization.fake_quantize import FakeQuantize
+from tqdm.auto import tqdm
+
+from .adaround import RoundingVariables, _output_loss, annealed_beta, unit_outputs
+from .blocks import (
+    BLOCK_TYPES,
+    ReconstructionUnit,
+    capture_unit_inputs,
+    reconstruction_units,
+    unit_graph,
+)
+from .calibrate import PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
+from .errors import ConfigError
+from .observers import PowerOfTwoFakeQuantize
+from .passes import input_quantizer_name
+
+__all__ = ["FBR", "LearnedStepFakeQuantize", "fbr_loss", "mix_inputs"]
+
+
+def fbr_loss(
+    outputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    layer_outputs: Sequence[torch.Tensor] = (),
+    layer_targets: Sequence[torch.Tensor] = (),
+    layer_weight: float = 0.8,
+) -> torch.Tensor:
+    """FBR's loss: ``sum_o err(o) + layer_weight * sum_l err(l)`` with ``err(a, b) =
+    mean over all but dim 1 of sum over dim 1 of (a - b)^2`` (BRECQ's reconstruction error)."""
+    if len(outputs) != len(targets) or len(layer_outputs) != len(layer_targets):
+        raise ValueError("fbr_loss: outputs and targets differ in number")
+    loss = sum(_output_loss(p, t) for p, t in zip(outputs, targets))
+    if layer_outputs:
+        loss = loss + layer_weight * sum(
+            _output_loss(p, t) for p, t in zip(layer_outputs, layer_targets)
+        )
+    return loss
+
+
+def mix_inputs(
+    fp: Sequence, quantized: Sequence, fp_share: float, generator: torch.Generator
+) -> list:
+    """QDrop's mixing: each element of every float tensor input is taken from ``fp`` with
+    probability ``fp_share``, else from ``quantized``; other inputs are taken from ``fp``."""
+    out = []
+    for a, b in zip(fp, quantized):
+        if isinstance(a, torch.Tensor) and a.is_floating_point() and a.shape == b.shape:
+            keep = torch.rand(a.shape, generator=generator) < fp_share
+            out.append(torch.where(keep, a, b))
+        else:
+            out.append(a)
+    return out
+
+
+class LearnedStepFakeQuantize(torch.nn.Module):
+    """A stand-in for an activation quantizer while FBR learns its step (LSQ).
+
+    Quantizes as ``fake_quant`` does (its zero point and range, a PTS quantizer's channel
+    factors) with the step a parameter (``torch._fake_quantize_learnable_*``: straight-through
+    for the input, LSQ's gradient for the step). :meth:`write_back` stores the learned step in
+    ``fake_quant.scale``, which ``convert_fx`` reads.
+    """
+
+    def __init__(self, fake_quant: FakeQuantize):
+        super().__init__()
+        self.fake_quant = fake_quant
+        self.step = torch.nn.Parameter(fake_quant.scale.detach().float().reshape(()).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fq = self.fake_quant
+        step = self.step.clamp_min(torch.finfo(torch.float32).tiny)
+        zero_point = fq.zero_point.detach().float().reshape(())
+        if isinstance(fq, PowerOfTwoFakeQuantize):
+            axis = fq.observer.ch_axis % x.dim()
+            channels = x.shape[axis]
+            return torch._fake_quantize_learnable_per_channel_affine(
+                x,
+                step * fq.observer.channel_factors(channels).to(x.device),
+                zero_point.expand(channels).contiguous(),
+                axis,
+                fq.quant_min,
+                fq.quant_max,
+                1.0,
+            )
+        return torch._fake_quantize_learnable_per_tensor_affine(
+            x, step.reshape(1), zero_point.reshape(1), fq.quant_min, fq.quant_max, 1.0
+        )
+
+    def write_back(self) -> None:
+        with torch.no_grad():
+            step = self.step.detach().clamp_min(torch.finfo(torch.float32).tiny)
+            self.fake_quant.scale.copy_(step.reshape(self.fake_quant.scale.shape))
+
+
+@contextlib.contextmanager
+def _all_float(gm: fx.GraphModule) -> Iterator[None]:
+    """Every quantizer of ``gm`` passes float through; the previous state comes back after."""
+    quantizers = input_quantizers(gm) + weight_quantizers(gm)
+    saved = [bool(q.fake_quant_enabled[0]) for q in quantizers]
+    for q in quantizers:
+        q.disable_fake_quant()
+    try:
+        yield
+    finally:
+        for q, on in zip(quantizers, saved):
+            if on:
+                q.enable_fake_quant()
+
+
+def _unit_input_quantizers(gm: fx.GraphModule, unit: ReconstructionUnit) -> list[str]:
+    names = []
+    for node in unit.layers:
+        n = len(node.meta["dmq_fx"].input_groups)
+        names += [input_quantizer_name(node.target, g, n) for g in range(n)]
+    return names
+
+
+@dataclasses.dataclass
+class FBR:
+    """Stage: EDA-DM's fine-grained block reconstruction (see the module docstring).
+
+    Needs activation and weight qparams (run ``observe_activations`` and ``observe_weights``
+    first; the steps it learns start from them). ``iterations`` Adam steps per unit on batches
+    of ``batch_size`` of at most ``max_samples`` captured samples; rounding variables at ``lr``,
+    activation steps at ``step_lr``, both cosine to 0. The rounding regulariser of AdaRound
+    (``reg_weight``, ``beta`` annealed after ``warmup``) pushes the rounding to 0 / 1 within a
+    short CPU budget; EDA-DM's code has none (:meth:`paper`: 5000 iterations, every sample,
+    ``reg_weight=0``).
+    """
+
+    iterations: int = 300
+    batch_size: int = 32
+    lr: float = 1e-2
+    step_lr: float = 4e-5
+    layer_weight: float = 0.8
+    fp_share: float = 0.5
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    max_samples: int | None = 512
+    seed: int = 0
+    block_types: tuple[type, ...] = BLOCK_TYPES
+
+    __name__ = "fbr"
+
+    def __post_init__(self) -> None:
+        if self.iterations < 0 or self.batch_size < 1:
+            raise ConfigError("fbr: iterations must be >= 0 and batch_size >= 1")
+        if not 0 <= self.fp_share <= 1:
+            raise ConfigError(f"fbr: fp_share must be in [0, 1], got {self.fp_share}")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"fbr: warmup must be in [0, 1), got {self.warmup}")
+        if self.layer_weight < 0:
+            raise ConfigError(f"fbr: layer_weight must be >= 0, got {self.layer_weight}")
+
+    @classmethod
+    def paper(cls, **overrides) -> FBR:
+        """EDA-DM's budget: 5000 iterations per unit, batch 32, every sample, no regulariser."""
+        paper = {"iterations": 5000, "max_samples": None, "reg_weight": 0.0}
+        return cls(**{**paper, **overrides})
+
+    def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
+        for fq in weight_quantizers(gm):
+            if fq.activation_post_process.min_val.numel() == 0:
+                raise ConfigError(
+                    "fbr learns the rounding under fixed weight qparams: run 'observe_weights' "
+                    "before it"
+                )
+        for q in input_quantizers(gm):
+            if (
+                isinstance(q, FakeQuantize)
+                and not torch.isfinite(q.activation_post_process.min_val).all()
+            ):
+                raise ConfigError(
+                    "fbr learns activation steps from the observed ones: run "
+                    "'observe_activations' before it"
+                )
+        frozen = [(p, p.requires_grad) for p in gm.parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        try:
+            for fq in input_quantizers(gm) + weight_quantizers(gm):
+                fq.disable_observer()
+                fq.disable_fake_quant()
+            units = reconstruction_units(gm, self.block_types)
+            bar = tqdm(units, desc="fbr", unit="unit", disable=not progress)
+            for index, unit in enumerate(bar):
+                loss = self.learn_unit(gm, unit, batches, seed=self.seed + index)
+                bar.set_postfix(unit=unit.name, loss=f"{loss:.4g}")
+        finally:
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+
+    def learn_unit(
+        self, gm: fx.GraphModule, unit: ReconstructionUnit, batches: Sequence[Batch], *, seed: int
+    ) -> float:
+        """Reconstruct ``unit`` (its predecessors quantized); returns the last loss. Afterwards
+        the unit's weight and activation quantizers are on."""
+        sub, inputs, outputs = unit_graph(gm, unit, extra_outputs=unit.layers[:-1])
+        names = _unit_input_quantizers(gm, unit)
+        with _all_float(gm):
+            x_fp = capture_unit_inputs(gm, inputs, batches, self.max_samples)
+        for name in names:  # a quantizer in front of the unit quantizes x_q (observed step)
+            gm.get_submodule(name).enable_fake_quant()
+        x_q = capture_unit_inputs(gm, inputs, batches, self.max_samples)
+        for name in names:
+            gm.get_submodule(name).disable_fake_quant()
+        targets = unit_outputs(sub, x_fp)  # the unit's own quantizers are still off
+        out_idx = [i for i in targets if i < len(outputs)]
+        layer_idx = [i for i in targets if i >= len(outputs)]
+
+        rounding = RoundingVariables.start(gm, unit.layers)
+        learned = self._install_steps(gm, sub, names)
+        generator = torch.Generator().manual_seed(seed)
+        last = math.nan
+        try:
+            params = [{"params": rounding.parameters(), "lr": self.lr}]
+            if learned:
+                params.append({"params": [m.step for m in learned], "lr": self.step_lr})
+            if (rounding.parameters() or learned) and self.iterations:
+                opt = torch.optim.Adam(params)
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.iterations)
+                for it in range(self.iterations):
+                    loss, last = self._step(
+                        sub, x_fp, x_q, targets, out_idx, layer_idx, rounding, it, generator
+                    )
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+        finally:  # an interrupted unit keeps round-to-nearest and its observed steps
+            rounding.release()
+        rounding.finish()
+        for module in learned:
+            module.write_back()
+        for name in names:
+            gm.get_submodule(name).enable_fake_quant()
+        return last
+
+    def _step(self, sub, x_fp, x_q, targets, out_idx, layer_idx, rounding, it, generator):
+        n = min(self.batch_size, len(x_fp))
+        idx = torch.randint(len(x_fp), (n,), generator=generator)
+        mixed = mix_inputs(x_fp.select(idx), x_q.select(idx), self.fp_share, generator)
+        rounding.apply_soft()
+        outs = sub(*mixed)
+        rec = fbr_loss(
+            [outs[i] for i in out_idx],
+            [targets[i][idx] for i in out_idx],
+            [outs[i] for i in layer_idx],
+            [targets[i][idx] for i in layer_idx],
+            self.layer_weight,
+        )
+        loss = rec
+        if self.reg_weight and it >= self.warmup * self.iterations:
+            beta = annealed_beta(it, self.iterations, self.warmup, self.beta_start, self.beta_end)
+            loss = rec + self.reg_weight * rounding.regularizer(beta)
+        return loss, float(rec.detach())
+
+    @staticmethod
+    def _install_steps(
+        gm: fx.GraphModule, sub: fx.GraphModule, names: list[str]
+    ) -> list[LearnedStepFakeQuantize]:
+        """Swap the unit graph's plain and PTS input quantizers for learned-step stand-ins
+        (``gm`` keeps its own); table quantizers stay as they are, quantizing."""
+        called = {n.target for n in sub.graph.nodes if n.op == "call_module"}
+        learned = []
+        for name in names:
+            fq = gm.get_submodule(name)
+            per_tensor = isinstance(fq, FakeQuantize) and not fq.is_per_channel
+            if name in called and (per_tensor or isinstance(fq, PowerOfTwoFakeQuantize)):
+                stand_in = LearnedStepFakeQuantize(fq)
+                sub.set_submodule(name, stand_in)
+                learned.append(stand_in)
+            else:
+                fq.enable_fake_quant()
+        return learned
+
+
+STAGES.update({"fbr": FBR(), "fbr_paper": FBR.paper()})
+PRESETS.update(
+    {
+        "eda-dm": ("observe_activations", "observe_weights", "fbr"),
+        "eda-dm-paper": ("observe_activations", "observe_weights", "fbr_paper"),
+        "dmq+eda": ("learn_les", "observe_activations", "vote_pts", "observe_weights", "fbr"),
+        "dmq+eda-paper": (
+            "learn_les_paper",
+            "observe_activations",
+            "vote_pts",
+            "observe_weights",
+            "fbr_paper",
+        ),
+    }
+)

@@ -1,0 +1,168 @@
+import pytest
+import torch
+from conftest import calibration_data
+from dmq_fx.observers import PowerOfTwoFakeQuantize
+from dmq_fx.passes import input_quantizer_name, weight_quantizer
+from test_adaround import _observed
+
+import dmq_fx
+from dmq_fx.annotate import make_fake_quantize, quantized_layer_nodes
+from dmq_fx.blocks import capture_unit_inputs, reconstruction_units, unit_graph
+from dmq_fx.calibrate import input_quantizers, weight_quantizers
+from dmq_fx.fbr import FBR, LearnedStepFakeQuantize, fbr_loss, mix_inputs
+from dmq_fx.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+
+
+def test_fbr_loss_by_hand():
+    out = torch.tensor([[[1.0], [2.0]], [[0.0], [0.0]]])  # (batch 2, channels 2, 1)
+    target = torch.zeros(2, 2, 1)
+    layer = torch.tensor([[3.0, 4.0]])  # (batch 1, features 2)
+    # output: per sample sum over channels (1 + 4, 0), mean 2.5; layer: 9 + 16 = 25
+    assert fbr_loss([out], [target]).item() == pytest.approx(2.5)
+    got = fbr_loss([out], [target], [layer], [torch.zeros(1, 2)], layer_weight=0.8)
+    assert got.item() == pytest.approx(2.5 + 0.8 * 25)
+    two = fbr_loss([out, out], [target, target], [layer, layer], [layer * 0, layer * 0], 0.5)
+    assert two.item() == pytest.approx(5 + 0.5 * 50)
+
+
+def test_qdrop_mixing_takes_each_element_from_one_side():
+    fp, q = torch.zeros(64, 8), torch.ones(64, 8)
+    t = torch.arange(64)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(mix_inputs([fp, t], [q, t], 1.0, g)[0], fp)
+    assert torch.equal(mix_inputs([fp, t], [q, t], 0.0, g)[0], q)
+    mixed, ints = mix_inputs([fp, t], [q, t * 0], 0.5, g)
+    assert ints is t  # non-float inputs come from the float side
+    assert set(mixed.unique().tolist()) == {0.0, 1.0}
+    assert 0.4 < mixed.mean().item() < 0.6
+    again = mix_inputs([fp, t], [q, t], 0.5, torch.Generator().manual_seed(0))[0]
+    first = mix_inputs([fp, t], [q, t], 0.5, torch.Generator().manual_seed(0))[0]
+    assert torch.equal(again, first)
+
+
+def test_learned_step_stand_in_quantizes_as_the_quantizer_it_replaces():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5) * 3
+    plain = make_fake_quantize(dmq_fx.get_default_qconfig(4, 6).activation)
+    pts = PowerOfTwoFakeQuantize(quant_min=0, quant_max=63, dtype=torch.quint8, ch_axis=1)
+    for fq in (plain, pts):
+        fq(x)  # observe
+        fq.disable_observer()
+    pts.observer.exponents = torch.tensor([3, 2, 1, 0, 3, 3])
+    for fq in (plain, pts):
+        fq.enable_fake_quant()
+        stand_in = LearnedStepFakeQuantize(fq)
+        assert torch.allclose(stand_in(x), fq(x), atol=1e-6)
+        loss = (stand_in(x) - x).pow(2).sum()
+        loss.backward()
+        assert stand_in.step.grad is not None and stand_in.step.grad != 0
+        with torch.no_grad():
+            stand_in.step.mul_(1.5)
+        stand_in.write_back()
+        assert torch.allclose(stand_in(x), fq(x), atol=1e-6)
+
+
+def _unit_error(gm, sub, x, target, unit):
+    """Block output error with the unit's weights and activations quantized."""
+    names = [
+        input_quantizer_name(n.target, g, len(n.meta["dmq_fx"].input_groups))
+        for n in unit.layers
+        for g in range(len(n.meta["dmq_fx"].input_groups))
+    ]
+    quantizers = [gm.get_submodule(m) for m in names] + [
+        fq for n in unit.layers for fq in weight_quantizer(gm.get_submodule(n.target)).fake_quants
+    ]
+    for q in quantizers:
+        q.enable_fake_quant()
+    with torch.no_grad():
+        out = sub(*x)[0]
+    for q in quantizers:
+        q.disable_fake_quant()
+    return (out - target).pow(2).mean().item()
+
+
+def test_fbr_lowers_the_block_output_error():
+    _, gm, data = _observed(TINY_DDPM, wb=3, ab=6)
+    for q in input_quantizers(gm) + weight_quantizers(gm):
+        q.disable_fake_quant()
+    unit = next(u for u in reconstruction_units(gm) if u.kind == "block" and len(u.layers) == 3)
+    sub, inputs, _ = unit_graph(gm, unit)
+    x = capture_unit_inputs(gm, inputs, data, None).values
+    with torch.no_grad():
+        target = sub(*x)[0]
+    before = _unit_error(gm, sub, x, target, unit)
+    steps = [gm.get_submodule(f"{unit.layers[0].target}_input_quant").scale.clone()]
+    FBR(iterations=300, step_lr=1e-3).learn_unit(gm, unit, data, seed=0)
+    for q in input_quantizers(gm) + weight_quantizers(gm):
+        q.disable_fake_quant()
+    after = _unit_error(gm, sub, x, target, unit)
+    assert after < 0.8 * before
+    learned = gm.get_submodule(f"{unit.layers[0].target}_input_quant").scale
+    assert not torch.equal(learned, steps[0])  # the activation step moved
+    for n in unit.layers:
+        grouped = weight_quantizer(gm.get_submodule(n.target))
+        assert set(grouped.rounding(0).unique().tolist()) <= {0, 1}
+        assert "adaround" in n.meta["dmq_fx"].rewrites
+
+
+@pytest.mark.parametrize(
+    "config,preset",
+    [(TINY_DDPM, "eda-dm"), (TINY_SD, "eda-dm"), (TINY_DDPM, "dmq+eda"), (TINY_SD, "dmq+eda")],
+    ids=["ddpm-eda", "sd-eda", "ddpm-dmq+eda", "sd-dmq+eda"],
+)
+def test_presets_convert_to_a_graph_that_agrees_with_the_simulation(config, preset):
+    model = build_unet(config)
+    a, k = example_inputs(model, batch=4)
+    dmq = preset == "dmq+eda"
+    prepared = dmq_fx.prepare_fx(
+        model,
+        dmq_fx.get_default_qconfig_mapping(4, 8),
+        a,
+        k,
+        les=dmq,
+        pts="skip" if dmq else None,
+    )
+    fast = {
+        "learn_les": dmq_fx.LearnLES(iterations=3, max_samples=8),
+        "fbr": FBR(iterations=3, max_samples=8, step_lr=1e-2),
+    }
+    stages = [fast.get(s, s) for s in dmq_fx.PRESETS[preset]]
+    dmq_fx.calibrate(prepared, calibration_data(model), stages, progress=False)
+    assert "fbr" in prepared.meta["dmq_fx"]["stages_run"]
+    lowered = dmq_fx.convert_fx(prepared, "x86")
+    x, kw = example_inputs(model, batch=3, seed=7)
+    with torch.no_grad():
+        fp, sim, low = (g(*x, **kw).sample for g in (model, prepared, lowered))
+    # the documented end-to-end bound of the lowering (tests/test_convert.py)
+    assert (low - sim).norm() < 0.5 * (sim - fp).norm()
+    for node in quantized_layer_nodes(prepared):
+        assert "adaround" in node.meta["dmq_fx"].rewrites
+        layer = lowered.get_submodule(node.target)
+        n = layer.num_groups
+        for g in range(n):  # the lowered layer quantizes with the learned step
+            fq = prepared.get_submodule(input_quantizer_name(node.target, g, n))
+            if not isinstance(fq, PowerOfTwoFakeQuantize):
+                assert layer.act_qparams[g][0] == pytest.approx(float(fq.scale), rel=1e-6)
+
+
+def test_fbr_is_deterministic_and_needs_observed_qparams():
+    runs = []
+    for _ in range(2):
+        _, gm, data = _observed(TINY_DDPM)
+        FBR(iterations=4, max_samples=8, seed=3, step_lr=1e-2)(gm, data, progress=False)
+        runs.append([q.scale.clone() for q in input_quantizers(gm)])
+        runs[-1] += [
+            weight_quantizer(gm.get_submodule(n.target)).rounding(0)
+            for n in quantized_layer_nodes(gm)
+        ]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    model = build_unet(TINY_DDPM)
+    a, k = example_inputs(model, batch=4)
+    fresh = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(4, 8), a, k)
+    data = calibration_data(model)
+    with pytest.raises(dmq_fx.ConfigError, match="observe_weights"):
+        dmq_fx.calibrate(fresh, data, ["fbr"], progress=False)
+    with pytest.raises(dmq_fx.ConfigError, match="observe_activations"):
+        dmq_fx.calibrate(fresh, data, ["observe_weights", "fbr"], progress=False)
+    with pytest.raises(dmq_fx.ConfigError, match="fp_share"):
+        FBR(fp_share=1.5)
