@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .errors import CalibrationError, ConfigError
 
-__all__ = ["CalibrationData", "collect_calibration_data"]
+__all__ = ["CalibrationData", "collect_calibration_data", "select_samples"]
 
 FORMAT = "dmq_fx.calibration/1"
 
@@ -38,6 +38,8 @@ class CalibrationData:
     class_labels: torch.Tensor | None = None  #: (N,)
     #: (N,) bool: True for the unconditional half under classifier-free guidance
     unconditional: torch.Tensor | None = None
+    #: (N,) int64: the sampler trajectory each row comes from (both guidance halves share it)
+    trajectory: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.sample.shape[0]
@@ -47,6 +49,15 @@ class CalibrationData:
         """The timestep of each sampling step, noisiest first."""
         steps = sorted(set(self.step_index.tolist()))
         return [int(self.timestep[self.step_index == s][0]) for s in steps]
+
+    def subset(self, index: torch.Tensor) -> CalibrationData:
+        """The rows ``index`` (a boolean mask or indices), in that order."""
+        return CalibrationData(
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
+                for f in fields(self)
+            }
+        )
 
     def batches(
         self, batch_size: int = 32, *, shuffle: bool = True, seed: int = 0
@@ -172,10 +183,12 @@ def collect_calibration_data(
                 else:
                     eps = unet(model_in, t_batch, **cond).sample
                 if j == k or not independent_trajectories:  # a group records its last step
+                    first = start + (k * samples_per_step if independent_trajectories else 0)
                     rec = {
                         "sample": model_in.clone(),
                         "timestep": t_batch,
                         "step_index": torch.full((n,), j, dtype=torch.long),
+                        "trajectory": torch.arange(first, first + n),
                         **cond,
                     }
                     if guided:
@@ -199,3 +212,78 @@ def collect_calibration_data(
     merged = {key: torch.cat([r[key] for r in records]) for key in records[0]}
     order = torch.argsort(merged["step_index"], stable=True)
     return CalibrationData(**{key: v[order] for key, v in merged.items()})
+
+
+@torch.no_grad()
+def select_samples(
+    unet: torch.nn.Module,
+    scheduler: Any = None,
+    n: int = 256,
+    *,
+    radius: float = 3.0,
+    lam: float = 1.0,
+    min_per_step: int = 0,
+    num_inference_steps: int = 20,
+    feature_samples: int | None = 256,
+    seed: int = 0,
+    progress: bool = True,
+    **sampler_kwargs: Any,
+) -> CalibrationData:
+    """EDA-DM's calibration set (TDAC, SPEC 2.1): ``n`` samples spread over the sampling steps
+    by density and diversity.
+
+    The float UNet generates ``n`` trajectories with the sampler
+    (:func:`collect_calibration_data` with ``independent_trajectories=False``; guidance,
+    prompts, eta as there, through ``sampler_kwargs``). At every step the input of the UNet's
+    middle attention block (:func:`dmq_fx.tdac.mid_attention_input`, found on the traced
+    graph) over the first ``feature_samples`` trajectories is that step's feature; step ``k``
+    gets ``w_k = D̂_k + lam * V̂_k`` (:func:`dmq_fx.tdac.tdac_weights`, ``radius`` the density
+    radius: 3.0 for pixel-space models, 0.3 for latent ones in EDA-DM) and receives
+    :func:`dmq_fx.tdac.allocate_samples` of the ``n`` samples (at least ``min_per_step``:
+    DMQ's per-step stages need every step), each from a different trajectory (a seeded
+    permutation). Under guidance a sample is both halves. Returns the selected rows, noisiest
+    step first.
+    """
+    from .blocks import capture_unit_inputs
+    from .tdac import allocate_samples, mid_attention_input, tdac_weights
+    from .tracing import trace
+
+    if n < 1:
+        raise ConfigError(f"select_samples: n must be >= 1, got {n}")
+    if feature_samples is not None and feature_samples < 1:
+        raise ConfigError(f"select_samples: feature_samples must be >= 1, got {feature_samples}")
+    pool = collect_calibration_data(
+        unet,
+        scheduler,
+        num_inference_steps=num_inference_steps,
+        samples_per_step=n,
+        independent_trajectories=False,
+        seed=seed,
+        progress=progress,
+        **sampler_kwargs,
+    )
+    steps = sorted(set(pool.step_index.tolist()))
+    rows = []  # per step: row indices ordered by (trajectory, conditional half last)
+    for k in steps:
+        idx = torch.nonzero(pool.step_index == k).flatten()
+        half = pool.unconditional[idx].long() if pool.unconditional is not None else 0
+        key = pool.trajectory[idx] * 2 + (1 - half)
+        rows.append(idx[torch.argsort(key)])
+    first = pool.subset(rows[0][:2])
+    args, kwargs = next(first.batches(2, shuffle=False))
+    gm = trace(unet, args, kwargs, check=False)
+    node = mid_attention_input(gm)
+    features = []
+    for idx in tqdm(rows, desc="TDAC features", disable=not progress):
+        keep = idx if feature_samples is None else idx[: feature_samples * (len(idx) // n)]
+        batches = list(pool.subset(keep).batches(64, shuffle=False))
+        features.append(capture_unit_inputs(gm, [node], batches, None).values[0])
+    scores = tdac_weights(features, radius, lam)
+    counts = allocate_samples(scores.weights, n, min_per_step)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    chosen, start = [], 0
+    for k_idx, count in zip(rows, counts.tolist()):
+        picked = set(order[start : start + count].tolist())
+        start += count
+        chosen.append(k_idx[torch.tensor([int(t) in picked for t in pool.trajectory[k_idx]])])
+    return pool.subset(torch.cat(chosen))
