@@ -25,6 +25,11 @@ no-timestep-weighting (dmq with LES's loss unweighted across timesteps);
 dmq-shared-les+adaround (the shared calibration of the three, without PTS: the same numbers as
 les+adaround up to float rounding, a check). The dmq rows share one LES + AdaRound calibration
 per model and bits (neither stage sees PTS); their calib_s is that shared time plus their own.
+eda-dm (EDA-DM: a TDAC-selected calibration set of the same size as the uniform one, min-max,
+then FBR, fast preset); eda-dm-uniform (the same on the uniform set: uniform vs TDAC
+calibration); dmq+eda (TDAC with a quarter of the per-step count guaranteed at every step, LES
++ PTS voting on the skip layers + FBR in place of AdaRound). TDAC's selection time is printed
+per model and, like the uniform collection, not part of calib_s.
 Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the full run (1000 samples, 32 per step) makes README's table. The last line printed
@@ -51,7 +56,7 @@ from dmq_fx.passes import input_quantizer_name, skip_connection_layers
 
 import dmq_fx
 from dmq_fx.annotate import quantized_layer_nodes
-from dmq_fx.calibration import CalibrationData, collect_calibration_data
+from dmq_fx.calibration import CalibrationData, collect_calibration_data, select_samples
 from dmq_fx.datasets import load_fashion_mnist
 from dmq_fx.evaluation import (
     ClassifierFeatures,
@@ -112,9 +117,71 @@ def reference_models(names: list[str]) -> list[ReferenceModel]:
     return out
 
 
-# -- methods: (float unet, bits, calibration data) -> quantized graph ------------------------------
-def _dmq_fx(preset: str):
-    def build(unet, bits, calib: CalibrationData):
+#: TDAC's density radius for the reference models: their mid-attention features are on a
+#: smaller scale than CIFAR's (fashion28: median pairwise mean squared distance 0.27 between
+#: steps), so EDA-DM's pixel-space 3.0 puts every step within every other's radius and the
+#: density term vanishes; 0.3 (EDA-DM's latent-model value) keeps it informative.
+TDAC_RADIUS = 0.3
+TDAC_LAMBDA = 1.0
+
+
+class CalibrationSets:
+    """A model's calibration sets: the uniform one (``per_step`` samples at every step, SPEC
+    1.5) and TDAC selections of the same total size (SPEC 2.1), made on first use."""
+
+    def __init__(self, ref: ReferenceModel, per_step: int):
+        self.ref, self.per_step = ref, per_step
+        t = time.perf_counter()
+        self.uniform = collect_calibration_data(
+            ref.unet,
+            DDIMScheduler.from_config(ref.scheduler.config),
+            num_inference_steps=STEPS,
+            samples_per_step=per_step,
+            seed=0,
+            progress=False,
+            **ref.collect_kwargs,
+        )
+        print(
+            f"{ref.name}: {len(self.uniform)} uniform calibration samples in "
+            f"{time.perf_counter() - t:.0f} s"
+        )
+        self._tdac: dict[int, CalibrationData] = {}
+
+    def tdac(self, min_per_step: int) -> CalibrationData:
+        if min_per_step not in self._tdac:
+            t = time.perf_counter()
+            data = select_samples(
+                self.ref.unet,
+                DDIMScheduler.from_config(self.ref.scheduler.config),
+                self.per_step * STEPS,
+                radius=TDAC_RADIUS,
+                lam=TDAC_LAMBDA,
+                min_per_step=min_per_step,
+                num_inference_steps=STEPS,
+                seed=0,
+                progress=False,
+                **self.ref.collect_kwargs,
+            )
+            counts = torch.bincount(data.step_index, minlength=STEPS).tolist()
+            print(
+                f"{self.ref.name}: TDAC (min {min_per_step} per step) selected "
+                f"{len(data)} samples in {time.perf_counter() - t:.0f} s, per step {counts}"
+            )
+            self._tdac[min_per_step] = data
+        return self._tdac[min_per_step]
+
+
+# -- methods: (float unet, bits, calibration sets) -> quantized graph ------------------------------
+def _dmq_fx(preset: str, data: str = "uniform"):
+    """A dmq_fx preset on the uniform calibration set, a TDAC selection (``data="tdac"``), or
+    one with a quarter of the uniform per-step count guaranteed at every step
+    (``"tdac-min"``, for DMQ's per-step stages)."""
+
+    def build(unet, bits, sets: CalibrationSets):
+        if data == "uniform":
+            calib = sets.uniform
+        else:
+            calib = sets.tdac(max(1, sets.per_step // 4) if data == "tdac-min" else 0)
         wb, ab = parse_bits(bits)
         example = next(calib.batches(8, shuffle=False))
         stages = dmq_fx.PRESETS[preset]
@@ -122,7 +189,7 @@ def _dmq_fx(preset: str):
             unet,
             dmq_fx.get_default_qconfig_mapping(wb, ab),
             *example,
-            les=preset not in ("minmax", "adaround"),
+            **dmq_fx.PREPARE_FLAGS[preset],
         )
         dmq_fx.calibrate(prepared, list(calib.batches(32, seed=0)), stages, progress=False)
         return dmq_fx.convert_fx(prepared, "x86")
@@ -130,9 +197,10 @@ def _dmq_fx(preset: str):
     return build
 
 
-def _torchao_fx(unet, bits, calib: CalibrationData):
+def _torchao_fx(unet, bits, sets: CalibrationSets):
     if bits != "w8a8":
         return None  # torch.ao's convert_fx clamps custom ranges to 8 bits (FINDINGS)
+    calib = sets.uniform
     return torchao_fx_quantize(
         unet, next(calib.batches(8, shuffle=False)), list(calib.batches(32, seed=0))
     )
@@ -141,7 +209,7 @@ def _torchao_fx(unet, bits, calib: CalibrationData):
 _SHARED: dict = {}
 
 
-def _les_adaround_with_pts_everywhere(unet, bits, calib: CalibrationData, weighting: str):
+def _les_adaround_with_pts_everywhere(unet, bits, sets: CalibrationSets, weighting: str):
     """LES + AdaRound (fast presets) on a graph whose every conv has a PTS quantizer.
 
     Neither stage sees PTS (LES quantizes its unit per tensor, AdaRound leaves activations
@@ -149,6 +217,7 @@ def _les_adaround_with_pts_everywhere(unet, bits, calib: CalibrationData, weight
     quantizer whose exponents are all D is the plain per-tensor quantizer.
     """
     key = (id(unet), bits, weighting)
+    calib = sets.uniform
     if key not in _SHARED:  # kept for every bits: the main loop alternates them
         t = time.perf_counter()
         wb, ab = parse_bits(bits)
@@ -171,9 +240,9 @@ def _les_adaround_with_pts_everywhere(unet, bits, calib: CalibrationData, weight
 def _dmq_variant(pts_layers: str | None, selection: str = "vote", weighting: str = "adaptive"):
     """dmq (pts_layers "skip", voting), its PTS ablations, or les+adaround (no PTS)."""
 
-    def build(unet, bits, calib: CalibrationData):
+    def build(unet, bits, sets: CalibrationSets):
         shared, batches, skip, shared_s = _les_adaround_with_pts_everywhere(
-            unet, bits, calib, weighting
+            unet, bits, sets, weighting
         )
         t = time.perf_counter()
         prepared = copy.deepcopy(shared)
@@ -208,6 +277,9 @@ METHODS: dict[str, Callable | None] = {
     "pts-vote-all-layers": _dmq_variant("all"),
     "dmq-shared-les+adaround": _dmq_variant(None),
     "no-timestep-weighting": _dmq_variant("skip", weighting="uniform"),
+    "eda-dm": _dmq_fx("eda-dm", data="tdac"),
+    "eda-dm-uniform": _dmq_fx("eda-dm"),
+    "dmq+eda": _dmq_fx("dmq+eda", data="tdac-min"),
 }
 
 
@@ -312,17 +384,7 @@ def main() -> None:
         shape = (ref.unet.config.in_channels, *[ref.unet.config.sample_size] * 2)
         real = real_images(n, shape[-1])
         real_other = real_images(n, shape[-1], offset=5000)
-        t = time.perf_counter()
-        calib = collect_calibration_data(
-            ref.unet,
-            DDIMScheduler.from_config(ref.scheduler.config),
-            num_inference_steps=STEPS,
-            samples_per_step=per_step,
-            seed=0,
-            progress=False,
-            **ref.collect_kwargs,
-        )
-        print(f"{ref.name}: {len(calib)} calibration samples in {time.perf_counter() - t:.0f} s")
+        calib = CalibrationSets(ref, per_step)
         trajectory: list = []
         fp_samples = sample_batches(ref.unet, ref, n, args.batch, shape, trajectory)
         scale = {

@@ -6,7 +6,7 @@ The workflow mirrors torch.ao's: ``trace`` (optional), ``prepare_fx``, ``calibra
 
 from . import adaround, blocks, calibration, datasets, fbr, les, pts
 from .adaround import AdaRound
-from .calibrate import DEFAULT_STAGES, PRESETS, STAGES, calibrate
+from .calibrate import DEFAULT_STAGES, PREPARE_FLAGS, PRESETS, STAGES, calibrate
 from .convert import BACKENDS, convert_fx
 from .errors import (
     CalibrationError,
@@ -30,6 +30,7 @@ __all__ = [
     "AdaRound",
     "BACKENDS",
     "DEFAULT_STAGES",
+    "PREPARE_FLAGS",
     "PRESETS",
     "STAGES",
     "CalibrationError",

@@ -22,7 +22,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from .blocks import BLOCK_TYPES, capture_unit_inputs, reconstruction_units, unit_graph
-from .calibrate import PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
+from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
 from .errors import ConfigError
 from .passes import weight_before_quantization, weight_quantizer
 
@@ -251,4 +251,7 @@ PRESETS.update(
             "adaround_paper",
         ),
     }
+)
+PREPARE_FLAGS.update(
+    {"adaround": {}, "les+adaround": {"les": True}, "les+adaround-paper": {"les": True}}
 )

@@ -21,6 +21,7 @@ from .passes import input_quantizer_name, weight_before_quantization, weight_qua
 
 __all__ = [
     "DEFAULT_STAGES",
+    "PREPARE_FLAGS",
     "PRESETS",
     "STAGES",
     "Batch",
@@ -123,6 +124,9 @@ DEFAULT_STAGES: tuple[str, ...] = ("observe_activations", "observe_weights")
 #: Named stage lists; dmq_fx.les adds "smoothquant", "les", "les-paper" (graphs prepared with
 #: ``les=True``).
 PRESETS: dict[str, tuple[str, ...]] = {"minmax": DEFAULT_STAGES}
+#: The ``prepare_fx`` keyword arguments each preset's stages need (a stage that lacks its flag
+#: raises ConfigError naming it): ``dmq_fx.prepare_fx(model, mapping, *ex, **PREPARE_FLAGS[p])``.
+PREPARE_FLAGS: dict[str, dict[str, Any]] = {"minmax": {}}
 
 
 def _enable_simulation(gm: fx.GraphModule) -> None:

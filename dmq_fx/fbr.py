@@ -41,10 +41,11 @@ from .blocks import (
     reconstruction_units,
     unit_graph,
 )
-from .calibrate import PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
+from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
 from .errors import ConfigError
 from .observers import PowerOfTwoFakeQuantize
 from .passes import input_quantizer_name
+from .pts import DMQ_PREPARE_FLAGS
 
 __all__ = ["FBR", "LearnedStepFakeQuantize", "fbr_loss", "mix_inputs"]
 
@@ -321,5 +322,13 @@ PRESETS.update(
             "observe_weights",
             "fbr_paper",
         ),
+    }
+)
+PREPARE_FLAGS.update(
+    {
+        "eda-dm": {},
+        "eda-dm-paper": {},
+        "dmq+eda": DMQ_PREPARE_FLAGS,
+        "dmq+eda-paper": DMQ_PREPARE_FLAGS,
     }
 )

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .annotate import LayerQuantSpec
 from .blocks import StopForward
-from .calibrate import PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
+from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
 from .errors import CalibrationError, ConfigError
 from .passes import (
     LESScale,
@@ -371,3 +371,4 @@ PRESETS.update(
         "les-paper": ("learn_les_paper", *_OBSERVE),
     }
 )
+PREPARE_FLAGS.update({name: {"les": True} for name in ("smoothquant", "les", "les-paper")})

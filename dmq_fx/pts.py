@@ -16,11 +16,11 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from .calibrate import PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
+from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
 from .errors import ConfigError
 from .observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
 
-__all__ = ["pts_quantizers", "vote_pts"]
+__all__ = ["DMQ_PREPARE_FLAGS", "pts_quantizers", "vote_pts"]
 
 
 def pts_quantizers(gm: fx.GraphModule) -> list[PowerOfTwoFakeQuantize]:
@@ -74,6 +74,8 @@ def vote_pts(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> No
         q.observer.finish_voting()
 
 
+#: what DMQ's presets need: LES scale nodes, PTS quantizers on the skip layers
+DMQ_PREPARE_FLAGS = {"les": True, "pts": "skip"}
 STAGES["vote_pts"] = vote_pts
 PRESETS.update(
     {
@@ -87,4 +89,7 @@ PRESETS.update(
             "adaround_paper",
         ),
     }
+)
+PREPARE_FLAGS.update(
+    {"pts": {"pts": "skip"}, "dmq": DMQ_PREPARE_FLAGS, "dmq-paper": DMQ_PREPARE_FLAGS}
 )

@@ -113,15 +113,8 @@ def test_fbr_lowers_the_block_output_error():
 def test_presets_convert_to_a_graph_that_agrees_with_the_simulation(config, preset):
     model = build_unet(config)
     a, k = example_inputs(model, batch=4)
-    dmq = preset == "dmq+eda"
-    prepared = dmq_fx.prepare_fx(
-        model,
-        dmq_fx.get_default_qconfig_mapping(4, 8),
-        a,
-        k,
-        les=dmq,
-        pts="skip" if dmq else None,
-    )
+    mapping = dmq_fx.get_default_qconfig_mapping(4, 8)
+    prepared = dmq_fx.prepare_fx(model, mapping, a, k, **dmq_fx.PREPARE_FLAGS[preset])
     fast = {
         "learn_les": dmq_fx.LearnLES(iterations=3, max_samples=8),
         "fbr": FBR(iterations=3, max_samples=8, step_lr=1e-2),
@@ -166,3 +159,11 @@ def test_fbr_is_deterministic_and_needs_observed_qparams():
         dmq_fx.calibrate(fresh, data, ["observe_weights", "fbr"], progress=False)
     with pytest.raises(dmq_fx.ConfigError, match="fp_share"):
         FBR(fp_share=1.5)
+
+
+def test_every_preset_names_registered_stages_and_its_prepare_flags():
+    assert set(dmq_fx.PREPARE_FLAGS) == set(dmq_fx.PRESETS)
+    for name, stages in dmq_fx.PRESETS.items():
+        assert all(s in dmq_fx.STAGES for s in stages), name
+    assert dmq_fx.PRESETS["eda-dm"][-1] == "fbr" and dmq_fx.PREPARE_FLAGS["eda-dm"] == {}
+    assert dmq_fx.PREPARE_FLAGS["dmq+eda"] == {"les": True, "pts": "skip"}
