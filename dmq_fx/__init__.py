@@ -14,6 +14,7 @@ from .errors import (
     ConvertError,
     DMQError,
     InputMismatchError,
+    LoadError,
     TimestepOutOfGridError,
     TraceError,
 )
@@ -21,6 +22,7 @@ from .fbr import FBR
 from .les import LearnLES, SmoothQuantScales
 from .prepare import prepare_fx
 from .qconfig import get_default_qconfig, get_default_qconfig_mapping
+from .serialization import load, save
 from .summary import QuantSummary, summary
 from .tracing import trace
 
@@ -39,6 +41,7 @@ __all__ = [
     "DMQError",
     "FBR",
     "InputMismatchError",
+    "LoadError",
     "LearnLES",
     "SmoothQuantScales",
     "TimestepOutOfGridError",
@@ -56,6 +59,8 @@ __all__ = [
     "get_default_qconfig_mapping",
     "prepare_fx",
     "QuantSummary",
+    "load",
+    "save",
     "summary",
     "trace",
 ]

@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from .annotate import LayerQuantSpec, quantized_layer_nodes
-from .errors import ConvertError
+from .errors import ConfigError, ConvertError
 from .observers import PowerOfTwoFakeQuantize
 from .passes import (
     LESScale,
@@ -26,6 +26,7 @@ from .quantized_modules import (
     quantize_uint8,
     select_timestep_entry,
 )
+from .serialization import learned_state, saved_settings
 
 __all__ = ["BACKENDS", "convert_fx"]
 
@@ -322,6 +323,11 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
             else f"convert_fx() expects the graph from dmq_fx.prepare_fx + calibrate, got "
             f"{'a ' + state + ' graph' if state else type(prepared).__name__}"
         )
+    source_state = learned_state(prepared)
+    try:
+        source_record = saved_settings(prepared)
+    except ConfigError as e:  # a graph save() cannot describe still converts; save() says why
+        source_record = e
     gm = copy.deepcopy(prepared)
     gm.meta = copy.deepcopy(prepared.meta)
     graph = gm.graph
@@ -434,4 +440,10 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
     gm.recompile()
     gm.meta["dmq_fx"]["state"] = "converted"
     gm.meta["dmq_fx"]["backend"] = backend
+    # what dmq_fx.save writes: the learned state (not the float weights) and the settings
+    gm.meta["dmq_fx"]["source"] = {
+        "state": source_state,
+        "record": source_record,
+        "backend": backend,
+    }
     return gm

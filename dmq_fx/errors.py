@@ -35,3 +35,8 @@ class ConvertError(DMQError, RuntimeError):
 class TimestepOutOfGridError(InputMismatchError):
     """A graph with per-timestep activation tables was called at a timestep outside the grid of
     timesteps it was calibrated on (or with several timesteps in one lowered call)."""
+
+
+class LoadError(DMQError, ValueError):
+    """A saved quantization file cannot be loaded: another format or version, corrupted, or
+    made for another model (class, config or weights)."""

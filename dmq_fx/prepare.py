@@ -77,6 +77,13 @@ def prepare_fx(
     insert_quantizers(gm)
     if les:
         insert_les_scales(gm)
+    gm.meta["dmq_fx"]["prepare"] = {  # recorded for dmq_fx.save / load
+        "split_concat_inputs": split_concat_inputs,
+        "les": les,
+        "pts": pts,
+        "pts_options": pts_options,
+        "timestep_tables": timestep_tables,
+    }
     gm.meta["dmq_fx"]["state"] = "prepared"
     gm.meta["dmq_fx"]["stages_run"] = []
     return gm

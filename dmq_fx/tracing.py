@@ -29,6 +29,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from . import graph_ops
 from .errors import InputMismatchError, TraceError
+from .model_identity import model_config, weights_fingerprint
 
 __all__ = ["ValueTracer", "trace", "TIMESTEP_ARG_NAMES"]
 
@@ -393,10 +394,27 @@ def trace(
         "example_shapes": {
             k: tuple(v.shape) for k, v in provided.items() if isinstance(v, torch.Tensor)
         },
+        # what dmq_fx.save records, so that dmq_fx.load can re-trace the same graph
+        "example_spec": _example_spec(provided),
+        "model_config": model_config(model),
+        "weights_fingerprint": weights_fingerprint(model),
     }
     if check:
         _check_against_eager(gm, root, provided)
     return gm
+
+
+def _example_spec(provided: Mapping[str, Any]) -> dict[str, dict]:
+    """JSON description of the example inputs: tensors by shape and dtype, others by value."""
+    spec = {}
+    for name, value in provided.items():
+        if isinstance(value, torch.Tensor):
+            spec[name] = {"shape": list(value.shape), "dtype": str(value.dtype).split(".")[-1]}
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            spec[name] = {"value": value}
+        else:
+            spec[name] = {"unsupported": type(value).__name__}
+    return spec
 
 
 def _restore_specialised_args(graph: fx.Graph, concrete_args: Mapping[str, Any]) -> None:

@@ -1,0 +1,34 @@
+"""What identifies a float model: its diffusers config and a digest of its weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+__all__ = ["model_config", "weights_fingerprint"]
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of the model's parameters and buffers: names, shapes, dtypes and per-tensor
+    sums and sums of squares (float64). Not cryptographic: it tells checkpoints apart without
+    hashing every byte of a large UNet."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for key, value in sorted(model.state_dict().items()):
+            t = value.detach()
+            h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+            if t.numel():
+                d = t.double()
+                h.update(f"{d.sum().item():.17g}:{d.square().sum().item():.17g}".encode())
+    return h.hexdigest()
+
+
+def model_config(model: torch.nn.Module) -> Any:
+    """The model's diffusers config as plain JSON values (None without one)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    return json.loads(json.dumps(dict(config), default=str))
