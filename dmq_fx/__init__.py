@@ -20,6 +20,7 @@ from .errors import (
 )
 from .fbr import FBR
 from .les import LearnLES, SmoothQuantScales
+from .pipeline import QuantizationConfig, QuantizedUNet, quantize_pipeline
 from .prepare import prepare_fx
 from .qconfig import get_default_qconfig, get_default_qconfig_mapping
 from .serialization import load, save
@@ -59,6 +60,9 @@ __all__ = [
     "get_default_qconfig_mapping",
     "prepare_fx",
     "QuantSummary",
+    "QuantizationConfig",
+    "QuantizedUNet",
+    "quantize_pipeline",
     "load",
     "save",
     "summary",

@@ -1,0 +1,208 @@
+"""``quantize_pipeline``: a diffusers pipeline with its UNet quantized, in one call.
+
+Collects calibration data with the pipeline's own scheduler (both guidance halves for text
+pipelines), runs a preset (``PRESETS`` / ``PREPARE_FLAGS``), converts, and returns a new
+pipeline of the same class whose ``unet`` is a :class:`QuantizedUNet`, so ``pipe(...)``
+generates as before. The given pipeline and its UNet are not modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import fx
+
+from .calibrate import PREPARE_FLAGS, PRESETS, calibrate
+from .calibration import CalibrationData, collect_calibration_data, select_samples
+from .convert import BACKENDS, convert_fx
+from .errors import ConfigError
+from .prepare import prepare_fx
+from .qconfig import check_bits, get_default_qconfig_mapping
+
+__all__ = ["QuantizationConfig", "QuantizedUNet", "quantize_pipeline"]
+
+
+@dataclasses.dataclass
+class QuantizationConfig:
+    """What :func:`quantize_pipeline` does.
+
+    ``preset``: a name in ``dmq_fx.PRESETS`` ("dmq", "eda-dm", "dmq+eda", "minmax", ...);
+    ``weight_bits`` / ``act_bits``: the default qconfig mapping's widths; ``backend``: the
+    lowering; ``num_inference_steps``, ``samples_per_step``, ``eta``: the calibration sampler
+    (SPEC 1.5); ``selection``: ``"uniform"`` (``samples_per_step`` at every step) or
+    ``"tdac"`` (EDA-DM's selection of ``num_inference_steps * samples_per_step`` samples, at
+    least ``min_per_step`` per step, density radius ``tdac_radius``); ``timestep_tables``:
+    per-timestep activation parameters; ``batch_size``: calibration batches; ``seed``.
+    """
+
+    preset: str = "dmq"
+    weight_bits: int = 4
+    act_bits: int = 8
+    backend: str = "x86"
+    num_inference_steps: int = 20
+    samples_per_step: int = 32
+    eta: float = 1.0
+    selection: str = "uniform"
+    min_per_step: int = 0
+    tdac_radius: float = 3.0
+    timestep_tables: bool = False
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
+        check_bits(self.weight_bits, "weight_bits")
+        check_bits(self.act_bits, "act_bits")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        if self.selection not in ("uniform", "tdac"):
+            raise ConfigError(f"selection must be 'uniform' or 'tdac', got {self.selection!r}")
+        for name in ("num_inference_steps", "samples_per_step", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @classmethod
+    def from_value(cls, config: QuantizationConfig | str | Mapping[str, Any]) -> QuantizationConfig:
+        """A config from itself, a preset name, or a dict of fields."""
+        if isinstance(config, cls):
+            return config
+        if isinstance(config, str):
+            return cls(preset=config)
+        if isinstance(config, Mapping):
+            unknown = set(config) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise ConfigError(f"unknown QuantizationConfig fields {sorted(unknown)}")
+            return cls(**config)
+        raise ConfigError(
+            f"config must be a QuantizationConfig, a preset name or a dict, got "
+            f"{type(config).__name__}"
+        )
+
+
+class QuantizedUNet(torch.nn.Module):
+    """A converted graph in the place of a diffusers UNet: the float UNet's ``config``,
+    ``dtype`` and ``device`` (what pipelines read) around the quantized forward."""
+
+    def __init__(self, graph: fx.GraphModule, config: Any, dtype: torch.dtype):
+        super().__init__()
+        self.graph = graph
+        self.config = config
+        self._dtype = dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        tensors = [*self.graph.parameters(), *self.graph.buffers()]
+        return tensors[0].device if tensors else torch.device("cpu")
+
+    def forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.graph(sample, timestep, *args, **kwargs)
+
+
+def _prompt_embeddings(pipe: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``collect_calibration_data`` keywords from ``{"prompts": [...], "negative_prompt": ...,
+    "guidance_scale": ...}``, encoded with the pipeline's own ``encode_prompt``."""
+    if not hasattr(pipe, "encode_prompt"):
+        raise ConfigError(
+            f"{type(pipe).__name__} has no encode_prompt: pass prompt_embeds and "
+            "negative_prompt_embeds in calibration= instead of prompts"
+        )
+    guidance = float(spec.get("guidance_scale", 7.5))
+    with torch.no_grad():
+        cond, uncond = pipe.encode_prompt(
+            list(spec["prompts"]),
+            torch.device("cpu"),
+            1,
+            guidance > 1.0,
+            negative_prompt=spec.get("negative_prompt"),
+        )
+    out = {"prompt_embeds": cond, "guidance_scale": guidance}
+    if guidance > 1.0:
+        out["negative_prompt_embeds"] = uncond[:1]
+    return out
+
+
+def _calibration_data(pipe: Any, cfg: QuantizationConfig, calibration: Any) -> CalibrationData:
+    if isinstance(calibration, CalibrationData):
+        return calibration
+    options = dict(calibration or {})
+    if "prompts" in options:
+        options = {**_prompt_embeddings(pipe, options)}
+    allowed = {"prompt_embeds", "negative_prompt_embeds", "guidance_scale", "num_class_labels"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise ConfigError(
+            f"calibration= takes CalibrationData or a dict of {sorted(allowed | {'prompts'})}, "
+            f"got {sorted(unknown)}"
+        )
+    common = dict(num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, seed=cfg.seed)
+    if cfg.selection == "tdac":
+        return select_samples(
+            pipe.unet,
+            pipe.scheduler,
+            cfg.num_inference_steps * cfg.samples_per_step,
+            radius=cfg.tdac_radius,
+            min_per_step=cfg.min_per_step,
+            **common,
+            **options,
+        )
+    return collect_calibration_data(
+        pipe.unet, pipe.scheduler, samples_per_step=cfg.samples_per_step, **common, **options
+    )
+
+
+def quantize_pipeline(
+    pipe: Any,
+    config: QuantizationConfig | str | Mapping[str, Any] = "dmq",
+    calibration: CalibrationData | Mapping[str, Any] | None = None,
+    *,
+    progress: bool = True,
+) -> Any:
+    """Quantize the UNet of a diffusers pipeline and return a pipeline that uses it.
+
+    Args:
+        pipe: a pipeline with ``unet`` and ``scheduler`` components (DDPMPipeline,
+            DDIMPipeline, StableDiffusionPipeline and others built around a UNet).
+        config: a :class:`QuantizationConfig`, a preset name, or a dict of its fields.
+        calibration: recorded data (:class:`~dmq_fx.calibration.CalibrationData`), or the
+            conditioning to sample it with: ``{"prompts": [...], "negative_prompt": ...,
+            "guidance_scale": 7.5}`` (encoded by the pipeline's ``encode_prompt``), or
+            ``prompt_embeds`` / ``negative_prompt_embeds`` / ``guidance_scale`` /
+            ``num_class_labels`` as for :func:`~dmq_fx.calibration.collect_calibration_data`.
+            None: unconditional sampling with the pipeline's scheduler.
+
+    Returns a new pipeline of ``pipe``'s class sharing its other components, with ``unet`` a
+    :class:`QuantizedUNet`; the quantized graph is ``result.unet.graph`` (for
+    :func:`dmq_fx.summary` and :func:`dmq_fx.save`).
+    """
+    cfg = QuantizationConfig.from_value(config)
+    for name in ("unet", "scheduler"):
+        if getattr(pipe, name, None) is None:
+            raise ConfigError(f"quantize_pipeline needs a pipeline with a {name!r} component")
+    if isinstance(pipe.unet, QuantizedUNet):
+        raise ConfigError("the pipeline's UNet is already quantized")
+    data = _calibration_data(pipe, cfg, calibration)
+    batches = list(data.batches(cfg.batch_size, seed=cfg.seed))
+    example_args, example_kwargs = data.batches(min(8, len(data)), shuffle=False).__next__()
+    prepared = prepare_fx(
+        pipe.unet,
+        get_default_qconfig_mapping(cfg.weight_bits, cfg.act_bits),
+        example_args,
+        example_kwargs,
+        **PREPARE_FLAGS[cfg.preset],
+        timestep_tables=cfg.timestep_tables,
+    )
+    calibrate(prepared, batches, PRESETS[cfg.preset], progress=progress)
+    lowered = convert_fx(prepared, cfg.backend)
+    quantized = QuantizedUNet(lowered, pipe.unet.config, pipe.unet.dtype)
+    # a scheduler of its own: set_timesteps on one pipeline must not move the other's
+    components = dict(pipe.components, unet=quantized, scheduler=copy.deepcopy(pipe.scheduler))
+    return type(pipe)(**components)

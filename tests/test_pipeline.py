@@ -1,0 +1,112 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_unchanged, state_snapshot
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, StableDiffusionPipeline
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+import dmq_fx
+from dmq_fx.quantized_modules import QuantizedLayer
+from dmq_fx.unet_configs import TINY_DDPM, TINY_SD, build_unet
+
+FAST = {"num_inference_steps": 4, "samples_per_step": 4, "batch_size": 8}
+
+
+def _quantized_layers(pipe):
+    return [m for m in pipe.unet.graph.modules() if isinstance(m, QuantizedLayer)]
+
+
+def test_ddpm_pipeline_generates_with_the_quantized_unet():
+    unet = build_unet(TINY_DDPM)
+    pipe = DDPMPipeline(unet=unet, scheduler=DDIMScheduler(beta_schedule="squaredcos_cap_v2"))
+    snapshot = state_snapshot(unet)
+    q = dmq_fx.quantize_pipeline(pipe, {"preset": "minmax", "act_bits": 8, **FAST}, progress=False)
+    assert_unchanged(unet, snapshot)
+    assert pipe.unet is unet and type(q) is DDPMPipeline
+    assert isinstance(q.unet, dmq_fx.QuantizedUNet) and _quantized_layers(q)
+    assert q.scheduler is not pipe.scheduler
+    out = {}
+    for name, p in (("fp", pipe), ("q", q)):
+        images = p(
+            batch_size=2,
+            num_inference_steps=4,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+        out[name] = np.asarray(images)
+    assert out["q"].shape == out["fp"].shape
+    diff = np.abs(out["q"] - out["fp"])
+    assert 0 < diff.mean() < 0.05  # quantized, and still the same images (range [0, 1])
+    assert dmq_fx.summary(q.unet.graph).rows
+
+
+def _tiny_stable_diffusion(tmp_path):
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=8
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=TINY_SD["cross_attention_dim"],
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            bos_token_id=0,
+            eos_token_id=1,
+        )
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        block_out_channels=(8,),
+        latent_channels=TINY_SD["in_channels"],
+        norm_num_groups=4,
+        sample_size=16,
+    ).eval()
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=build_unet(TINY_SD),
+        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def test_text_pipeline_calibrates_both_guidance_halves_and_generates(tmp_path):
+    pipe = _tiny_stable_diffusion(tmp_path)
+    calibration = {"prompts": ["a cat", "a dog"], "guidance_scale": 4.0}
+    q = dmq_fx.quantize_pipeline(
+        pipe, {"preset": "minmax", **FAST}, calibration=calibration, progress=False
+    )
+    assert type(q) is StableDiffusionPipeline and q.text_encoder is pipe.text_encoder
+    kwargs = dict(num_inference_steps=4, guidance_scale=4.0, output_type="np", height=16, width=16)
+    fp = pipe("a cat", generator=torch.Generator().manual_seed(1), **kwargs).images
+    qi = q("a cat", generator=torch.Generator().manual_seed(1), **kwargs).images
+    assert qi.shape == fp.shape and 0 < np.abs(qi - fp).mean() < 0.1
+
+
+def test_bad_configs_are_named():
+    pipe = DDPMPipeline(unet=build_unet(TINY_DDPM), scheduler=DDIMScheduler())
+    with pytest.raises(dmq_fx.ConfigError, match="unknown preset 'dmq2'"):
+        dmq_fx.quantize_pipeline(pipe, "dmq2")
+    with pytest.raises(dmq_fx.ConfigError, match="weight_bits"):
+        dmq_fx.quantize_pipeline(pipe, {"weight_bits": 9})
+    with pytest.raises(dmq_fx.ConfigError, match="unknown QuantizationConfig fields"):
+        dmq_fx.quantize_pipeline(pipe, {"bits": 4})
+    with pytest.raises(dmq_fx.ConfigError, match="no encode_prompt"):
+        dmq_fx.quantize_pipeline(pipe, {**FAST, "preset": "minmax"}, calibration={"prompts": ["x"]})
