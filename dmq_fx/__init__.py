@@ -23,6 +23,7 @@ from .les import LearnLES, SmoothQuantScales
 from .pipeline import QuantizationConfig, QuantizedUNet, quantize_pipeline
 from .prepare import prepare_fx
 from .qconfig import get_default_qconfig, get_default_qconfig_mapping
+from .report import QuantReport, report
 from .serialization import load, save
 from .summary import QuantSummary, summary
 from .tracing import trace
@@ -60,6 +61,8 @@ __all__ = [
     "get_default_qconfig_mapping",
     "prepare_fx",
     "QuantSummary",
+    "QuantReport",
+    "report",
     "QuantizationConfig",
     "QuantizedUNet",
     "quantize_pipeline",

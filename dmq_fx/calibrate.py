@@ -7,7 +7,8 @@ and presets to these registries when imported (``import dmq_fx`` imports them al
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "PRESETS",
     "STAGES",
     "Batch",
+    "all_float",
     "calibrate",
     "input_quantizers",
     "weight_quantizers",
@@ -79,6 +81,23 @@ def weight_quantizers(gm: fx.GraphModule) -> list[FakeQuantizeBase]:
         for node in quantized_layer_nodes(gm)
         for fq in weight_quantizer(gm.get_submodule(node.target)).fake_quants
     ]
+
+
+@contextlib.contextmanager
+def all_float(gm: fx.GraphModule) -> Iterator[None]:
+    """Every quantizer of ``gm`` passes float through and observes nothing; the previous
+    flags come back afterwards."""
+    quantizers = input_quantizers(gm) + weight_quantizers(gm)
+    saved = [(bool(q.fake_quant_enabled[0]), bool(q.observer_enabled[0])) for q in quantizers]
+    for q in quantizers:
+        q.disable_fake_quant()
+        q.disable_observer()
+    try:
+        yield
+    finally:
+        for q, (quantizing, observing) in zip(quantizers, saved):
+            q.enable_fake_quant(quantizing)
+            q.enable_observer(observing)
 
 
 def observe_activations(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:

@@ -23,10 +23,9 @@ a unit is learned its quantizers stay on, so the next unit sees quantized inputs
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import fx
@@ -41,7 +40,15 @@ from .blocks import (
     reconstruction_units,
     unit_graph,
 )
-from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
+from .calibrate import (
+    PREPARE_FLAGS,
+    PRESETS,
+    STAGES,
+    Batch,
+    all_float,
+    input_quantizers,
+    weight_quantizers,
+)
 from .errors import ConfigError
 from .observers import PowerOfTwoFakeQuantize
 from .passes import input_quantizer_name
@@ -122,21 +129,6 @@ class LearnedStepFakeQuantize(torch.nn.Module):
         with torch.no_grad():
             step = self.step.detach().clamp_min(torch.finfo(torch.float32).tiny)
             self.fake_quant.scale.copy_(step.reshape(self.fake_quant.scale.shape))
-
-
-@contextlib.contextmanager
-def _all_float(gm: fx.GraphModule) -> Iterator[None]:
-    """Every quantizer of ``gm`` passes float through; the previous state comes back after."""
-    quantizers = input_quantizers(gm) + weight_quantizers(gm)
-    saved = [bool(q.fake_quant_enabled[0]) for q in quantizers]
-    for q in quantizers:
-        q.disable_fake_quant()
-    try:
-        yield
-    finally:
-        for q, on in zip(quantizers, saved):
-            if on:
-                q.enable_fake_quant()
 
 
 def _unit_input_quantizers(gm: fx.GraphModule, unit: ReconstructionUnit) -> list[str]:
@@ -231,7 +223,7 @@ class FBR:
         the unit's weight and activation quantizers are on."""
         sub, inputs, outputs = unit_graph(gm, unit, extra_outputs=unit.layers[:-1])
         names = _unit_input_quantizers(gm, unit)
-        with _all_float(gm):
+        with all_float(gm):
             x_fp = capture_unit_inputs(gm, inputs, batches, self.max_samples)
         for name in names:  # a quantizer in front of the unit quantizes x_q (observed step)
             gm.get_submodule(name).enable_fake_quant()

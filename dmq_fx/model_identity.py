@@ -27,8 +27,11 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def model_config(model: torch.nn.Module) -> Any:
-    """The model's diffusers config as plain JSON values (None without one)."""
+    """The model's diffusers config as plain JSON values (None without one), without the
+    private entries (``_name_or_path``, ``_use_default_values``...) that differ between a model
+    built from a config and the same model loaded with ``from_pretrained``."""
     config = getattr(model, "config", None)
     if config is None:
         return None
-    return json.loads(json.dumps(dict(config), default=str))
+    public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+    return json.loads(json.dumps(public, default=str))

@@ -30,7 +30,7 @@ from .model_identity import model_config, weights_fingerprint
 from .observers import TimestepTableFakeQuantize
 from .passes import GroupedWeightFakeQuantize, LESScale
 
-__all__ = ["FORMAT", "learned_state", "load", "save"]
+__all__ = ["FORMAT", "calibrated_graph", "learned_state", "load", "save"]
 
 FORMAT = "dmq_fx.quantized/1"
 _STATE_TYPES = (FakeQuantizeBase, GroupedWeightFakeQuantize, LESScale)
@@ -181,12 +181,50 @@ def load(
     file of another format or version, a corrupted file, or a ``float_model`` of another class,
     config or weights. ``float_model`` is not modified.
     """
-    from .calibrate import _enable_simulation
     from .convert import convert_fx
+
+    config, tensors = _read(path)
+    prepared = _rebuild(config, tensors, float_model, qconfig_mapping, str(path))
+    if config["backend"] is None:
+        return prepared
+    return convert_fx(prepared, config["backend"])
+
+
+def calibrated_graph(graph: fx.GraphModule, float_model: torch.nn.Module) -> fx.GraphModule:
+    """The calibrated (fake-quant) graph behind ``graph``: ``graph`` itself when calibrated,
+    rebuilt on ``float_model`` from what :func:`dmq_fx.convert_fx` kept when converted."""
+    meta = graph.meta.get("dmq_fx", {}) if isinstance(graph, fx.GraphModule) else {}
+    if meta.get("state") == "calibrated":
+        return graph
+    if meta.get("state") == "converted" and "source" in meta:
+        record = meta["source"]["record"]
+        if isinstance(record, Exception):
+            raise record
+        config = {
+            **record,
+            "model_class": meta["model_class"],
+            "model_config": meta["model_config"],
+            "weights_fingerprint": meta["weights_fingerprint"],
+        }
+        return _rebuild(config, meta["source"]["state"], float_model, None, "the graph")
+    raise ConfigError(
+        "expected a calibrated graph or its convert_fx result, got "
+        + (f"a {meta['state']} graph" if meta.get("state") else type(graph).__name__)
+    )
+
+
+def _rebuild(
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    float_model: torch.nn.Module,
+    qconfig_mapping: QConfigMapping | None,
+    path: str,
+) -> fx.GraphModule:
+    """The calibrated graph described by ``config`` and ``tensors``, on ``float_model``."""
+    from .calibrate import _enable_simulation
     from .prepare import prepare_fx
     from .qconfig import get_default_qconfig
 
-    config, tensors = _read(path)
     model_class = f"{type(float_model).__module__}.{type(float_model).__qualname__}"
     if model_class != config["model_class"]:
         raise LoadError(f"{path} was made for a {config['model_class']}, got a {model_class}")
@@ -241,6 +279,4 @@ def load(
     _enable_simulation(prepared)
     prepared.meta["dmq_fx"]["state"] = "calibrated"
     prepared.meta["dmq_fx"]["stages_run"] = list(config["stages_run"])
-    if config["backend"] is None:
-        return prepared
-    return convert_fx(prepared, config["backend"])
+    return prepared
