@@ -39,6 +39,7 @@ __all__ = [
     "SmoothQuantScales",
     "adaptive_timestep_weights",
     "batch_timesteps",
+    "learned_taus",
 ]
 
 
@@ -347,6 +348,16 @@ class SmoothQuantScales:
                     1 - self.alpha
                 )
                 gm.get_submodule(les_scale_name(owner)).tau.copy_(tau)
+
+
+def learned_taus(calibrated: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Each LES layer's ``tau`` (a copy), by layer name: what ``learn_les`` or ``smoothquant``
+    set in a graph prepared with ``les=True``, for :func:`dmq_fx.passes.rescale_for_les`."""
+    return {
+        str(node.target): calibrated.get_submodule(les_scale_name(owner)).tau.detach().clone()
+        for owner, nodes in les_units(calibrated).items()
+        for node in nodes
+    }
 
 
 def _weight_amax_per_input_channel(layer: torch.nn.Module) -> torch.Tensor:

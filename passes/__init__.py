@@ -1,7 +1,9 @@
 """FX graph passes of dmq_fx (installed as ``dmq_fx.passes``).
 
-Each pass is a function ``GraphModule -> GraphModule`` that reads the ``node.meta["dmq_fx"]``
-annotations written by :func:`dmq_fx.annotate.annotate_quantization`.
+Each pass is a function ``GraphModule -> GraphModule``. ``insert_quantizers`` and
+``insert_les_scales`` read the ``node.meta["dmq_fx"]`` annotations written by
+:func:`dmq_fx.annotate.annotate_quantization`; ``rescale_for_les`` works on any float graph (for
+torch.ao's own prepare_fx / convert_fx).
 """
 
 from .insert_les_scales import (
@@ -19,6 +21,7 @@ from .insert_quantizers import (
     weight_before_quantization,
     weight_quantizer,
 )
+from .rescale_for_les import rescale_for_les
 from .skip_connections import skip_concatenations, skip_connection_layers
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "insert_quantizers",
     "les_scale_name",
     "les_units",
+    "rescale_for_les",
     "skip_concatenations",
     "skip_connection_layers",
     "weight_before_quantization",
