@@ -157,13 +157,15 @@ def _enable_simulation(gm: fx.GraphModule) -> None:
 def calibrate(
     prepared: fx.GraphModule,
     data: Iterable[Any],
-    stages: Sequence[str | Stage] = DEFAULT_STAGES,
+    stages: str | Sequence[str | Stage] = DEFAULT_STAGES,
     *,
     progress: bool = True,
 ) -> fx.GraphModule:
     """Calibrate a graph from :func:`dmq_fx.prepare_fx` by running ``stages`` in order.
 
     ``data`` is an iterable of batches, each a tuple of positional inputs or ``(args, kwargs)``.
+    ``stages``: a list of stage names (``STAGES``) or callables, or a preset name (``PRESETS``,
+    e.g. ``"dmq"``; prepare the graph with its ``PREPARE_FLAGS``).
     Afterwards ``prepared`` simulates the quantized model (fake quantization on, observers off)
     and :func:`dmq_fx.convert_fx` lowers it. Returns ``prepared`` (calibrated in place, as
     torch.ao's calibration is).
@@ -178,6 +180,10 @@ def calibrate(
             "calibrate() expects the graph returned by dmq_fx.prepare_fx, got "
             + ("a converted graph" if state else type(prepared).__name__)
         )
+    if isinstance(stages, str):  # a preset by name
+        if stages not in PRESETS:
+            raise ConfigError(f"unknown preset {stages!r}; known: {sorted(PRESETS)}")
+        stages = PRESETS[stages]
     resolved = []
     for stage in stages:
         if isinstance(stage, str):

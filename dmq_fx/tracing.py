@@ -286,6 +286,16 @@ def _bind(
         ) from None
 
 
+def _eager_error(model: torch.nn.Module, provided: Mapping[str, Any]) -> str | None:
+    """The error of an eager forward on the example inputs (None if it runs)."""
+    try:
+        with torch.no_grad():
+            model(**provided)
+    except Exception as e:  # any failure: reported to the user with the module and line
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def _model_line(frames: traceback.StackSummary) -> str:
     """The innermost frame outside torch and dmq_fx, i.e. the model's own line, as text."""
     own = [f for f in frames if not f.filename.startswith((_TORCH_DIR, _FX_DIR, _OWN_DIR))]
@@ -366,6 +376,18 @@ def trace(
     except Exception as e:
         where = tracer.failed_module or "<root>"
         line = _model_line(traceback.extract_tb(e.__traceback__))
+        torch.is_tensor = real_is_tensor
+        eager_error = _eager_error(root, provided)
+        if eager_error is not None:  # the inputs, not the tracing, are at fault
+            shapes = ", ".join(
+                f"{k}: {tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else f"{k}: {v!r}"
+                for k, v in provided.items()
+            )
+            raise InputMismatchError(
+                f"the example inputs ({shapes}) do not run through {type(model).__name__} even "
+                f"without tracing: module '{where}' failed at {line}: {eager_error}. Pass inputs "
+                f"of the shapes and dtypes the model takes."
+            ) from e
         raise TraceError(
             f"could not trace {type(model).__name__}: module '{where}' failed at {line}: "
             f"{type(e).__name__}: {e}. dmq_fx decides Python control flow on the example inputs; "
