@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .blocks import BLOCK_TYPES, capture_unit_inputs, reconstruction_units, unit_graph
 from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
+from .checkpoint import unit_progress
 from .errors import ConfigError
 from .passes import weight_before_quantization, weight_quantizer
 
@@ -196,9 +197,13 @@ class AdaRound:
                 fq.disable_observer()
                 fq.disable_fake_quant()
             units = reconstruction_units(gm, self.block_types)
+            resume = unit_progress(gm)
             bar = tqdm(units, desc="adaround", unit="unit", disable=not progress)
             for index, unit in enumerate(bar):
+                if index < resume.start:  # learned before an interruption, restored
+                    continue
                 loss = self.learn_unit(gm, unit, batches, seed=self.seed + index)
+                resume.done(index, unit.layers)
                 bar.set_postfix(unit=unit.name, loss=f"{loss:.4g}")
         finally:
             for p, flag in frozen:

@@ -8,6 +8,8 @@ and presets to these registries when imported (``import dmq_fx`` imports them al
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -160,12 +162,15 @@ def calibrate(
     stages: str | Sequence[str | Stage] = DEFAULT_STAGES,
     *,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> fx.GraphModule:
     """Calibrate a graph from :func:`dmq_fx.prepare_fx` by running ``stages`` in order.
 
     ``data`` is an iterable of batches, each a tuple of positional inputs or ``(args, kwargs)``.
     ``stages``: a list of stage names (``STAGES``) or callables, or a preset name (``PRESETS``,
-    e.g. ``"dmq"``; prepare the graph with its ``PREPARE_FLAGS``).
+    e.g. ``"dmq"``; prepare the graph with its ``PREPARE_FLAGS``). ``checkpoint_dir``: write
+    what each finished stage and unit learned there, and resume from it when called again with
+    the same stages and data on a freshly prepared graph (:mod:`dmq_fx.checkpoint`).
     Afterwards ``prepared`` simulates the quantized model (fake quantization on, observers off)
     and :func:`dmq_fx.convert_fx` lowers it. Returns ``prepared`` (calibrated in place, as
     torch.ao's calibration is).
@@ -197,8 +202,28 @@ def calibrate(
     batches = [normalize_batch(item, i) for i, item in enumerate(data)]
     if not batches:
         raise CalibrationError("calibrate() got no calibration batches")
-    for _, stage in resolved:
-        stage(prepared, batches, progress)
+    checkpoint = None
+    if checkpoint_dir is not None:
+        from .checkpoint import CalibrationCheckpoint, UnitProgress
+
+        checkpoint = CalibrationCheckpoint(checkpoint_dir, [n for n, _ in resolved], batches)
+        checkpoint.restore(prepared)
+    meta = prepared.meta["dmq_fx"]
+    for index, (_, stage) in enumerate(resolved):
+        if checkpoint is None:
+            stage(prepared, batches, progress)
+            continue
+        if index < checkpoint.start_stage:
+            continue
+        start = checkpoint.start_unit if index == checkpoint.start_stage else 0
+        meta["unit_progress"] = UnitProgress(
+            start, functools.partial(checkpoint.unit_done, index, prepared)
+        )
+        try:
+            stage(prepared, batches, progress)
+        finally:
+            meta.pop("unit_progress", None)
+        checkpoint.stage_done(index, prepared)
     _enable_simulation(prepared)
     prepared.meta["dmq_fx"]["state"] = "calibrated"
     prepared.meta["dmq_fx"]["stages_run"] = [name for name, _ in resolved]

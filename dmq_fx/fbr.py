@@ -49,9 +49,10 @@ from .calibrate import (
     input_quantizers,
     weight_quantizers,
 )
+from .checkpoint import unit_progress
 from .errors import ConfigError
 from .observers import PowerOfTwoFakeQuantize
-from .passes import input_quantizer_name
+from .passes import input_quantizer_name, weight_quantizer
 from .pts import DMQ_PREPARE_FLAGS
 
 __all__ = ["FBR", "LearnedStepFakeQuantize", "fbr_loss", "mix_inputs"]
@@ -139,6 +140,15 @@ def _unit_input_quantizers(gm: fx.GraphModule, unit: ReconstructionUnit) -> list
     return names
 
 
+def _quantize_unit(gm: fx.GraphModule, unit: ReconstructionUnit) -> None:
+    """Turn on the unit's activation and weight quantizers (a learned unit quantizes)."""
+    for name in _unit_input_quantizers(gm, unit):
+        gm.get_submodule(name).enable_fake_quant()
+    for node in unit.layers:
+        for fq in weight_quantizer(gm.get_submodule(node.target)).fake_quants:
+            fq.enable_fake_quant()
+
+
 @dataclasses.dataclass
 class FBR:
     """Stage: EDA-DM's fine-grained block reconstruction (see the module docstring).
@@ -208,9 +218,14 @@ class FBR:
                 fq.disable_observer()
                 fq.disable_fake_quant()
             units = reconstruction_units(gm, self.block_types)
+            resume = unit_progress(gm)
             bar = tqdm(units, desc="fbr", unit="unit", disable=not progress)
             for index, unit in enumerate(bar):
+                if index < resume.start:  # learned before an interruption, restored: its
+                    _quantize_unit(gm, unit)  # quantizers are on, as learn_unit leaves them
+                    continue
                 loss = self.learn_unit(gm, unit, batches, seed=self.seed + index)
+                resume.done(index, unit.layers)
                 bar.set_postfix(unit=unit.name, loss=f"{loss:.4g}")
         finally:
             for p, flag in frozen:
@@ -258,8 +273,7 @@ class FBR:
         rounding.finish()
         for module in learned:
             module.write_back()
-        for name in names:
-            gm.get_submodule(name).enable_fake_quant()
+        _quantize_unit(gm, unit)
         return last
 
     def _step(self, sub, x_fp, x_q, targets, out_idx, layer_idx, rounding, it, generator):

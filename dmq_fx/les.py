@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .annotate import LayerQuantSpec
 from .blocks import StopForward
 from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
+from .checkpoint import unit_progress
 from .errors import CalibrationError, ConfigError
 from .passes import (
     LESScale,
@@ -249,9 +250,13 @@ class LearnLES:
     def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
         units = _require_les(gm, self.__name__)
         _float_mode(gm)
+        resume = unit_progress(gm)
         bar = tqdm(units.items(), desc="learn LES", unit="layer", disable=not progress)
         for index, (owner, nodes) in enumerate(bar):
+            if index < resume.start:  # learned before an interruption, restored
+                continue
             loss = self.learn_unit(gm, owner, nodes, batches, seed=self.seed + index)
+            resume.done(index, nodes)
             bar.set_postfix(layer=owner, loss=f"{loss:.4g}")
 
     def learn_unit(self, gm, owner, nodes, batches, *, seed: int) -> float:

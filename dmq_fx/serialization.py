@@ -14,6 +14,7 @@ graph, bit-identical outputs.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,19 @@ FORMAT = "dmq_fx.quantized/1"
 _STATE_TYPES = (FakeQuantizeBase, GroupedWeightFakeQuantize, LESScale)
 
 
-def learned_state(prepared: fx.GraphModule) -> dict[str, torch.Tensor]:
+def learned_state(
+    prepared: fx.GraphModule, modules: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
     """Copies of the tensors calibration sets in a prepared graph: the state of every
-    quantizer and LES scale module (the float weights excluded)."""
+    quantizer and LES scale module (the float weights excluded); ``modules``, if given, picks
+    the modules by qualified name."""
     out: dict[str, torch.Tensor] = {}
     roots: list[str] = []
     for name, module in prepared.named_modules():
         if isinstance(module, _STATE_TYPES) and not any(name.startswith(r + ".") for r in roots):
             roots.append(name)
+            if modules is not None and not modules(name):
+                continue
             for key, value in module.state_dict(prefix=f"{name}.").items():
                 out[key] = value.detach().clone()
     return out
@@ -151,6 +157,25 @@ def _read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise
         raise LoadError(f"{path}: unreadable or corrupted dmq_fx file ({e})") from e
     return config, tensors
+
+
+def grow_tables(prepared: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
+    """Give each per-timestep table of ``prepared`` the entries of the saved timesteps (its
+    ``.grid`` in ``tensors``), so that the saved entry states have modules to go to."""
+    for key in sorted(tensors):
+        if key.endswith(".grid"):
+            table = prepared.get_submodule(key[: -len(".grid")])
+            if isinstance(table, TimestepTableFakeQuantize):
+                for t in tensors[key].tolist():
+                    table._entry_for(float(t))
+
+
+def assign_state(prepared: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
+    """Put saved quantizer / LES tensors into ``prepared`` (buffers that change shape, such as
+    PTS exponents or learned roundings, are replaced)."""
+    grow_tables(prepared, tensors)
+    for key, value in tensors.items():
+        _assign(prepared, key, value)
 
 
 def _assign(gm: fx.GraphModule, key: str, value: torch.Tensor) -> None:
@@ -265,17 +290,11 @@ def _rebuild(
                 "made with"
             )
         node.meta["dmq_fx"].rewrites += [r for r in saved["rewrites"] if r not in mine["rewrites"]]
-    for key in sorted(tensors):  # tables first get their entries, one per saved timestep
-        if key.endswith(".grid"):
-            table = prepared.get_submodule(key[: -len(".grid")])
-            if isinstance(table, TimestepTableFakeQuantize):
-                for t in tensors[key].tolist():
-                    table._entry_for(float(t))
+    grow_tables(prepared, tensors)
     missing = sorted(set(learned_state(prepared)) - set(tensors))
     if missing:  # (extra keys, e.g. learned roundings, must name a buffer: _assign checks)
         raise LoadError(f"{path}: its tensors do not fit the rebuilt graph (lacks {missing[:3]})")
-    for key, value in tensors.items():
-        _assign(prepared, key, value)
+    assign_state(prepared, tensors)
     _enable_simulation(prepared)
     prepared.meta["dmq_fx"]["state"] = "calibrated"
     prepared.meta["dmq_fx"]["stages_run"] = list(config["stages_run"])

@@ -1,0 +1,149 @@
+"""Resumable calibration: ``calibrate(..., checkpoint_dir=...)``.
+
+What a calibration has learned goes to ``checkpoint_dir`` as it goes: after every finished
+stage the whole learned state (:func:`dmq_fx.serialization.learned_state`), after every finished
+unit of a unit-wise stage (``learn_les``, ``adaround``, ``fbr``: one layer or block at a time)
+that unit's quantizer and LES tensors. Each file is written to a temporary name and renamed, so
+an interruption at any moment (KeyboardInterrupt, a killed process) leaves only complete files;
+``progress.json`` (written last, the same way) says how far the run got. Calling ``calibrate``
+again with the same stages, data and folder on a freshly prepared graph restores that state
+and continues from the first unfinished unit; units are seeded by their index and the state
+they depend on is restored exactly, so the result is bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import fx
+
+from .errors import CalibrationError
+from .serialization import assign_state, learned_state
+
+__all__ = ["CalibrationCheckpoint", "UnitProgress", "unit_progress"]
+
+FORMAT = "dmq_fx.calibration-checkpoint/1"
+
+
+@dataclasses.dataclass
+class UnitProgress:
+    """Handed to a unit-wise stage through ``gm.meta``: skip units before ``start``; call
+    ``done(index, layer_nodes)`` after each finished unit."""
+
+    start: int = 0
+    done: Callable[[int, Sequence[fx.Node]], None] = lambda index, layers: None
+
+
+def unit_progress(gm: fx.GraphModule) -> UnitProgress:
+    """The :class:`UnitProgress` of the running ``calibrate`` call (a no-op one without a
+    checkpoint folder)."""
+    return gm.meta.get("dmq_fx", {}).get("unit_progress") or UnitProgress()
+
+
+def _data_digest(stage_names: Sequence[str], batches: Sequence) -> str:
+    h = hashlib.sha256(json.dumps(list(stage_names)).encode())
+    for args, kwargs in batches:
+        for value in [*args, *kwargs.values()]:
+            if isinstance(value, torch.Tensor):
+                d = value.detach().double()
+                h.update(f"{tuple(value.shape)}:{d.sum().item():.17g}".encode())
+            else:
+                h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def _unit_modules(layers: Sequence[fx.Node]) -> tuple[str, ...]:
+    """Module name prefixes of what a unit's learning changes: everything under its layers
+    (weight quantizers with roundings, the LES scale reached through the weight's
+    parametrization) and their input quantizers."""
+    return tuple(p for n in layers for p in (f"{n.target}.", f"{n.target}_input_quant"))
+
+
+class CalibrationCheckpoint:
+    """The checkpoint folder of one ``calibrate`` call (see the module docstring)."""
+
+    def __init__(self, folder: str | Path, stage_names: Sequence[str], batches: Sequence):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.digest = _data_digest(stage_names, batches)
+        self.progress = {"format": FORMAT, "digest": self.digest, "stage": 0, "units": 0}
+        path = self.folder / "progress.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("format") != FORMAT or saved.get("digest") != self.digest:
+                raise CalibrationError(
+                    f"checkpoint_dir {self.folder} holds a calibration of other stages or data; "
+                    "use an empty folder (or the same stages and data to resume)"
+                )
+            self.progress = saved
+
+    @property
+    def start_stage(self) -> int:
+        return int(self.progress["stage"])
+
+    @property
+    def start_unit(self) -> int:
+        return int(self.progress["units"])
+
+    def restore(self, gm: fx.GraphModule) -> None:
+        """Put the saved state into a freshly prepared ``gm``."""
+        stage, units = self.start_stage, self.start_unit
+        files = [self.folder / f"stage_{stage - 1}.safetensors"] if stage else []
+        files += [self.folder / f"stage_{stage}_unit_{u}.safetensors" for u in range(units)]
+        for path in files:
+            tensors = load_file(str(path))
+            assign_state(gm, tensors)
+            with open(path, "rb") as f:  # the layers the stages marked "adaround"
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            marked = set(json.loads(header["__metadata__"]["adaround"]))
+            for node in _layer_nodes(gm):
+                rewrites = node.meta["dmq_fx"].rewrites
+                if str(node.target) in marked and "adaround" not in rewrites:
+                    rewrites.append("adaround")
+
+    def _write(self, path: Path, tensors: dict, gm: fx.GraphModule) -> None:
+        marked = [
+            str(n.target) for n in _layer_nodes(gm) if "adaround" in n.meta["dmq_fx"].rewrites
+        ]
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        meta = {"format": FORMAT, "adaround": json.dumps(marked)}
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+    def _set_progress(self, stage: int, units: int) -> None:
+        self.progress.update(stage=stage, units=units)
+        text = json.dumps(self.progress)
+        _atomic_write(self.folder / "progress.json", lambda tmp: Path(tmp).write_text(text))
+
+    def unit_done(self, stage: int, gm: fx.GraphModule, index: int, layers) -> None:
+        prefixes = _unit_modules(layers)
+        state = learned_state(gm, lambda name: name.startswith(prefixes))
+        self._write(self.folder / f"stage_{stage}_unit_{index}.safetensors", state, gm)
+        self._set_progress(stage, index + 1)
+
+    def stage_done(self, stage: int, gm: fx.GraphModule) -> None:
+        self._write(self.folder / f"stage_{stage}.safetensors", learned_state(gm), gm)
+        self._set_progress(stage + 1, 0)
+        for path in self.folder.glob(f"stage_{stage}_unit_*.safetensors"):
+            path.unlink()
+        previous = self.folder / f"stage_{stage - 1}.safetensors"
+        if stage and previous.exists():
+            previous.unlink()
+
+
+def _layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    from .annotate import quantized_layer_nodes
+
+    return quantized_layer_nodes(gm)
