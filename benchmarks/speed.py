@@ -1,13 +1,15 @@
 """fp32 eager vs lowered int8 graphs on the DDPM-CIFAR10 UNet (random weights).
 
     python benchmarks/speed.py [--bits w8a8 w8a7 w4a8] [--dmq-bits w4a8] [--batches 1 8]
-        [--repeats 15] [--no-torchao]
+        [--repeats 15] [--no-torchao] [--pt2e]
 
 Rows: dmq_fx's x86 lowering at each bit setting; the DMQ-structured graph ("dmq_fx les+pts",
 --dmq-bits, default w4a8: LES scales (SmoothQuant's closed form standing in for learned tau: the
 same lowering) and PTS on the skip layers, lowered as integer shifts); and torch.ao's own FX PTQ
 (x86 default qconfig, which quantizes activations to 7 bits: reduce_range) on the graph from
-dmq_fx.trace. Every repeat
+dmq_fx.trace; with --pt2e, torchao's pt2e flow with dmq_fx.pt2e.DMQQuantizer at W8A8 compiled by
+inductor with freezing (the two warm-up rounds include the compile of each batch size). Every
+repeat
 times fp32 and every quantized graph back to back (interleaved), so machine load hits all alike;
 medians are reported. The last line printed is a JSON list with one object per run:
 {"config", "batch", "bits", "method", "fp32_ms", "quant_ms", "speedup", "int8_layers", "layers"}.
@@ -58,6 +60,29 @@ def torchao_fx_graph(model, calib):
     return quant, layers, layers  # every torch.ao quantized layer runs an int8 kernel
 
 
+def pt2e_inductor_graph(model, calib):
+    """torchao pt2e with dmq_fx's DMQQuantizer (W8A8), compiled by inductor with freezing:
+    onednn int8 conv / linear kernels (needs torchao; compiles on the first call per shape)."""
+    import torch._inductor.config as inductor_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from dmq_fx.pt2e import DMQQuantizer, export_unet
+
+    inductor_config.freezing = True  # constant-fold the quantized weights into prepacked ones
+    prepared = prepare_pt2e(export_unet(model, *calib[0]), DMQQuantizer(8, 8))
+    with torch.no_grad():
+        for args, kwargs in calib:
+            prepared(*args, **kwargs)
+    converted = convert_pt2e(prepared)
+    layers = sum(
+        n.target in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+        and n.args[0].target == torch.ops.quantized_decomposed.dequantize_per_tensor.default
+        for n in converted.graph.nodes
+    )
+    compiled = torch.compile(converted, backend="inductor")
+    return compiled, layers, layers
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", nargs="+", default=["w8a8", "w8a7", "w4a8"])
@@ -65,6 +90,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-torchao", action="store_true", help="skip torch.ao's own PTQ row")
+    ap.add_argument(
+        "--pt2e", action="store_true", help="add the torchao pt2e + inductor W8A8 row (compiles)"
+    )
     ap.add_argument(
         "--dmq-bits", nargs="*", default=["w4a8"], help="bits of the DMQ-structured graph rows"
     )
@@ -85,6 +113,8 @@ def main() -> None:
     ]
     if not args.no_torchao:
         graphs.append(("torchao-fx", "w8a8 (a7 reduce_range)", *torchao_fx_graph(model, calib)))
+    if args.pt2e:
+        graphs.append(("pt2e+inductor", "w8a8", *pt2e_inductor_graph(model, calib)))
     results = []
     for batch in args.batches:
         a, k = example_inputs(model, batch=batch, seed=1)
