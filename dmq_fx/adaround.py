@@ -21,6 +21,7 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
+from . import distributed
 from .blocks import BLOCK_TYPES, capture_unit_inputs, reconstruction_units, unit_graph
 from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
 from .checkpoint import unit_progress
@@ -233,6 +234,7 @@ class AdaRound:
                         loss = rec + self.reg_weight * rounding.regularizer(self.beta(it))
                     opt.zero_grad()
                     loss.backward()
+                    distributed.average_gradients(rounding.parameters())
                     opt.step()
                     sched.step()
                     last = float(rec.detach())

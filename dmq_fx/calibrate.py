@@ -18,6 +18,7 @@ from torch import fx
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from tqdm.auto import tqdm
 
+from . import distributed
 from .annotate import quantized_layer_nodes
 from .errors import CalibrationError, ConfigError
 from .passes import input_quantizer_name, weight_before_quantization, weight_quantizer
@@ -113,6 +114,7 @@ def observe_activations(gm: fx.GraphModule, batches: Sequence[Batch], progress: 
     with torch.no_grad():
         for args, kwargs in tqdm(batches, desc="observe activations", disable=not progress):
             gm(*args, **kwargs)
+    distributed.sync_activation_ranges(input_quantizers(gm))  # no-op in one process
 
 
 def observe_weights(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:

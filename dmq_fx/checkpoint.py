@@ -60,9 +60,15 @@ def _data_digest(stage_names: Sequence[str], batches: Sequence) -> str:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, path)
+    """Write to a temporary name, then rename; with torch.distributed rank 0 writes and the
+    others wait for it."""
+    from . import distributed
+
+    if distributed.is_writer():
+        tmp = path.with_name(path.name + ".tmp")
+        write(str(tmp))
+        os.replace(tmp, path)
+    distributed.barrier()
 
 
 def _unit_modules(layers: Sequence[fx.Node]) -> tuple[str, ...]:
@@ -136,11 +142,15 @@ class CalibrationCheckpoint:
     def stage_done(self, stage: int, gm: fx.GraphModule) -> None:
         self._write(self.folder / f"stage_{stage}.safetensors", learned_state(gm), gm)
         self._set_progress(stage + 1, 0)
-        for path in self.folder.glob(f"stage_{stage}_unit_*.safetensors"):
-            path.unlink()
-        previous = self.folder / f"stage_{stage - 1}.safetensors"
-        if stage and previous.exists():
-            previous.unlink()
+        from . import distributed
+
+        if distributed.is_writer():
+            for path in self.folder.glob(f"stage_{stage}_unit_*.safetensors"):
+                path.unlink()
+            previous = self.folder / f"stage_{stage - 1}.safetensors"
+            if stage and previous.exists():
+                previous.unlink()
+        distributed.barrier()
 
 
 def _layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:

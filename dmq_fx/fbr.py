@@ -32,6 +32,7 @@ from torch import fx
 from torch.ao.quantization.fake_quantize import FakeQuantize
 from tqdm.auto import tqdm
 
+from . import distributed
 from .adaround import RoundingVariables, _output_loss, annealed_beta, unit_outputs
 from .blocks import (
     BLOCK_TYPES,
@@ -266,6 +267,7 @@ class FBR:
                     )
                     opt.zero_grad()
                     loss.backward()
+                    distributed.average_gradients(p for g in params for p in g["params"])
                     opt.step()
                     sched.step()
         finally:  # an interrupted unit keeps round-to-nearest and its observed steps

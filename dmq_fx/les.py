@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
+from . import distributed
 from .annotate import LayerQuantSpec
 from .blocks import StopForward
 from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
@@ -291,12 +292,15 @@ class LearnLES:
                     k = t_index[idx]
                     batch_loss = torch.zeros_like(running).index_add_(0, k, rec.detach().double())
                     seen = torch.bincount(k, minlength=len(grid))
+                    distributed.all_reduce_(batch_loss)  # the same running losses on every rank
+                    distributed.all_reduce_(seen)
                     updated = self.momentum * running + (1 - self.momentum) * batch_loss
                     running = torch.where(seen > 0, updated, running)
                     weights = adaptive_timestep_weights(running, self.r)[k].float()
             loss = (weights * rec).mean()
             opt.zero_grad()
             loss.backward()
+            distributed.average_gradients([les.tau])
             opt.step()
             sched.step()
             with torch.no_grad():
@@ -346,6 +350,7 @@ class SmoothQuantScales:
             for owner, nodes in units.items():
                 if owner not in amax:
                     raise CalibrationError(f"smoothquant: layer '{owner}' never ran")
+                distributed.all_reduce_(amax[owner], "max")  # over the ranks' shards
                 w_amax = torch.stack(
                     [_weight_amax_per_input_channel(gm.get_submodule(n.target)) for n in nodes]
                 ).amax(0)

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
+from . import distributed
 from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
 from .errors import ConfigError
 from .observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
@@ -70,6 +71,7 @@ def vote_pts(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> No
     finally:
         for q in containers:
             q.disable_observer()
+    distributed.sync_votes([q.observer for q in quantizers])  # no-op in one process
     for q in quantizers:
         q.observer.finish_voting()
 
