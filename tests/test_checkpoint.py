@@ -89,7 +89,7 @@ SCRIPT = textwrap.dedent(
     model = build_unet(TINY_DDPM)
     a, k = example_inputs(model, batch=4)
     prepared = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(4, 8), a, k)
-    adaround = dmq_fx.AdaRound(iterations=60, max_samples=8)
+    adaround = dmq_fx.AdaRound(iterations=30, max_samples=8)
     stages = ["observe_activations", "observe_weights", adaround]
     dmq_fx.calibrate(prepared, calibration_data(model), stages, progress=False,
                      checkpoint_dir=sys.argv[1])
