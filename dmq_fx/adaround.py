@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import fx
@@ -141,6 +142,50 @@ class RoundingVariables:
                 node.meta["dmq_fx"].rewrites.append("adaround")
 
 
+def require_weight_qparams(gm: fx.GraphModule, stage: str) -> None:
+    """Raise ConfigError unless ``observe_weights`` has fixed every weight's qparams."""
+    for fq in weight_quantizers(gm):
+        if fq.activation_post_process.min_val.numel() == 0:
+            raise ConfigError(
+                f"{stage} learns the rounding under fixed weight qparams: run 'observe_weights' "
+                "before it"
+            )
+
+
+def reconstruct_units(
+    gm: fx.GraphModule,
+    stage: str,
+    block_types: tuple[type, ...],
+    progress: bool,
+    learn: Callable[[Any, int], float],
+    restored: Callable[[Any], None] | None = None,
+) -> None:
+    """The unit loop of block reconstruction (AdaRound, FBR): float parameters frozen, every
+    quantizer off, then ``learn(unit, index)`` for each unit in graph order (tqdm), skipping the
+    units a resumed calibration restored (``restored(unit)`` is called for them instead)."""
+    frozen = [(p, p.requires_grad) for p in gm.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    try:
+        for fq in input_quantizers(gm) + weight_quantizers(gm):
+            fq.disable_observer()
+            fq.disable_fake_quant()
+        units = reconstruction_units(gm, block_types)
+        resume = unit_progress(gm)
+        bar = tqdm(units, desc=stage, unit="unit", disable=not progress)
+        for index, unit in enumerate(bar):
+            if index < resume.start:  # learned before an interruption, restored
+                if restored is not None:
+                    restored(unit)
+                continue
+            loss = learn(unit, index)
+            resume.done(index, unit.layers)
+            bar.set_postfix(unit=unit.name, loss=f"{loss:.4g}")
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+
+
 @dataclasses.dataclass
 class AdaRound:
     """Stage that learns every quantized weight's rounding, unit by unit in graph order.
@@ -184,31 +229,14 @@ class AdaRound:
         )
 
     def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
-        for fq in weight_quantizers(gm):
-            if fq.activation_post_process.min_val.numel() == 0:
-                raise ConfigError(
-                    "adaround learns the rounding under fixed weight qparams: run "
-                    "'observe_weights' before it"
-                )
-        frozen = [(p, p.requires_grad) for p in gm.parameters()]
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        try:
-            for fq in input_quantizers(gm) + weight_quantizers(gm):
-                fq.disable_observer()
-                fq.disable_fake_quant()
-            units = reconstruction_units(gm, self.block_types)
-            resume = unit_progress(gm)
-            bar = tqdm(units, desc="adaround", unit="unit", disable=not progress)
-            for index, unit in enumerate(bar):
-                if index < resume.start:  # learned before an interruption, restored
-                    continue
-                loss = self.learn_unit(gm, unit, batches, seed=self.seed + index)
-                resume.done(index, unit.layers)
-                bar.set_postfix(unit=unit.name, loss=f"{loss:.4g}")
-        finally:
-            for p, flag in frozen:
-                p.requires_grad_(flag)
+        require_weight_qparams(gm, self.__name__)
+        reconstruct_units(
+            gm,
+            self.__name__,
+            self.block_types,
+            progress,
+            lambda unit, index: self.learn_unit(gm, unit, batches, seed=self.seed + index),
+        )
 
     def learn_unit(self, gm: fx.GraphModule, unit, batches: Sequence[Batch], *, seed: int) -> float:
         """Learn the rounding of ``unit``'s layers; returns the final reconstruction loss."""

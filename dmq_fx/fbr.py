@@ -30,15 +30,20 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 from torch.ao.quantization.fake_quantize import FakeQuantize
-from tqdm.auto import tqdm
 
 from . import distributed
-from .adaround import RoundingVariables, _output_loss, annealed_beta, unit_outputs
+from .adaround import (
+    RoundingVariables,
+    _output_loss,
+    annealed_beta,
+    reconstruct_units,
+    require_weight_qparams,
+    unit_outputs,
+)
 from .blocks import (
     BLOCK_TYPES,
     ReconstructionUnit,
     capture_unit_inputs,
-    reconstruction_units,
     unit_graph,
 )
 from .calibrate import (
@@ -48,9 +53,7 @@ from .calibrate import (
     Batch,
     all_float,
     input_quantizers,
-    weight_quantizers,
 )
-from .checkpoint import unit_progress
 from .errors import ConfigError
 from .observers import PowerOfTwoFakeQuantize
 from .passes import input_quantizer_name, weight_quantizer
@@ -196,12 +199,7 @@ class FBR:
         return cls(**{**paper, **overrides})
 
     def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
-        for fq in weight_quantizers(gm):
-            if fq.activation_post_process.min_val.numel() == 0:
-                raise ConfigError(
-                    "fbr learns the rounding under fixed weight qparams: run 'observe_weights' "
-                    "before it"
-                )
+        require_weight_qparams(gm, self.__name__)
         for q in input_quantizers(gm):
             if (
                 isinstance(q, FakeQuantize)
@@ -211,26 +209,15 @@ class FBR:
                     "fbr learns activation steps from the observed ones: run "
                     "'observe_activations' before it"
                 )
-        frozen = [(p, p.requires_grad) for p in gm.parameters()]
-        for p, _ in frozen:
-            p.requires_grad_(False)
-        try:
-            for fq in input_quantizers(gm) + weight_quantizers(gm):
-                fq.disable_observer()
-                fq.disable_fake_quant()
-            units = reconstruction_units(gm, self.block_types)
-            resume = unit_progress(gm)
-            bar = tqdm(units, desc="fbr", unit="unit", disable=not progress)
-            for index, unit in enumerate(bar):
-                if index < resume.start:  # learned before an interruption, restored: its
-                    _quantize_unit(gm, unit)  # quantizers are on, as learn_unit leaves them
-                    continue
-                loss = self.learn_unit(gm, unit, batches, seed=self.seed + index)
-                resume.done(index, unit.layers)
-                bar.set_postfix(unit=unit.name, loss=f"{loss:.4g}")
-        finally:
-            for p, flag in frozen:
-                p.requires_grad_(flag)
+        reconstruct_units(
+            gm,
+            self.__name__,
+            self.block_types,
+            progress,
+            lambda unit, index: self.learn_unit(gm, unit, batches, seed=self.seed + index),
+            # a restored unit quantizes, as learn_unit leaves it
+            restored=lambda unit: _quantize_unit(gm, unit),
+        )
 
     def learn_unit(
         self, gm: fx.GraphModule, unit: ReconstructionUnit, batches: Sequence[Batch], *, seed: int
