@@ -29,7 +29,13 @@ from .checkpoint import unit_progress
 from .errors import ConfigError
 from .passes import weight_before_quantization, weight_quantizer
 
-__all__ = ["AdaRound", "RoundingVariables", "annealed_beta", "rectified_sigmoid"]
+__all__ = [
+    "AdaRound",
+    "BlockReconstructionOptions",
+    "RoundingVariables",
+    "annealed_beta",
+    "rectified_sigmoid",
+]
 
 #: AdaRound's stretch of the sigmoid to (GAMMA, ZETA) before clipping to [0, 1]
 GAMMA, ZETA = -0.1, 1.1
@@ -187,15 +193,12 @@ def reconstruct_units(
 
 
 @dataclasses.dataclass
-class AdaRound:
-    """Stage that learns every quantized weight's rounding, unit by unit in graph order.
-
-    Needs weight qparams (run ``observe_weights`` first). For each unit: capture its FP inputs
-    (up to ``max_samples``), compute the FP outputs, then ``iterations`` Adam steps (``lr``,
-    cosine to 0) on the rounding variables of the unit's layers, batches of ``batch_size``
-    samples. The defaults are a CPU budget (500 iterations at lr 1e-2); :meth:`paper` gives
-    DMQ's (20000 iterations at lr 1e-3, every sample).
-    """
+class BlockReconstructionOptions:
+    """What AdaRound and FBR share: the Adam budget per unit (``iterations``, ``batch_size``,
+    ``lr`` of the rounding variables), AdaRound's rounding regulariser (``reg_weight`` times
+    ``sum(1 - |2h - 1|^beta)``, ``beta`` from ``beta_start`` to ``beta_end`` after a ``warmup``
+    share of the iterations), at most ``max_samples`` captured samples per unit, the seed
+    (unit ``i`` uses ``seed + i``) and the module types reconstructed as one block."""
 
     iterations: int = 500
     batch_size: int = 32
@@ -208,25 +211,39 @@ class AdaRound:
     seed: int = 0
     block_types: tuple[type, ...] = BLOCK_TYPES
 
-    __name__ = "adaround"
+    __name__ = "block reconstruction"
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.batch_size < 1:
-            raise ConfigError("adaround: iterations must be >= 0 and batch_size >= 1")
+            raise ConfigError(f"{self.__name__}: iterations must be >= 0 and batch_size >= 1")
         if not 0 <= self.warmup < 1:
-            raise ConfigError(f"adaround: warmup must be in [0, 1), got {self.warmup}")
-
-    @classmethod
-    def paper(cls, **overrides) -> AdaRound:
-        """DMQ's budget: 20000 iterations per unit at lr 1e-3, batch 32, every sample."""
-        paper = {"iterations": 20000, "lr": 1e-3, "max_samples": None}
-        return cls(**{**paper, **overrides})
+            raise ConfigError(f"{self.__name__}: warmup must be in [0, 1), got {self.warmup}")
 
     def beta(self, iteration: int) -> float:
         """The regulariser exponent at ``iteration`` (:func:`annealed_beta`)."""
         return annealed_beta(
             iteration, self.iterations, self.warmup, self.beta_start, self.beta_end
         )
+
+
+@dataclasses.dataclass
+class AdaRound(BlockReconstructionOptions):
+    """Stage that learns every quantized weight's rounding, unit by unit in graph order.
+
+    Needs weight qparams (run ``observe_weights`` first). For each unit: capture its FP inputs
+    (up to ``max_samples``), compute the FP outputs, then ``iterations`` Adam steps (``lr``,
+    cosine to 0) on the rounding variables of the unit's layers, batches of ``batch_size``
+    samples. The defaults are a CPU budget (500 iterations at lr 1e-2); :meth:`paper` gives
+    DMQ's (20000 iterations at lr 1e-3, every sample).
+    """
+
+    __name__ = "adaround"
+
+    @classmethod
+    def paper(cls, **overrides) -> AdaRound:
+        """DMQ's budget: 20000 iterations per unit at lr 1e-3, batch 32, every sample."""
+        paper = {"iterations": 20000, "lr": 1e-3, "max_samples": None}
+        return cls(**{**paper, **overrides})
 
     def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
         require_weight_qparams(gm, self.__name__)

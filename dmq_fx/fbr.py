@@ -33,15 +33,14 @@ from torch.ao.quantization.fake_quantize import FakeQuantize
 
 from . import distributed
 from .adaround import (
+    BlockReconstructionOptions,
     RoundingVariables,
     _output_loss,
-    annealed_beta,
     reconstruct_units,
     require_weight_qparams,
     unit_outputs,
 )
 from .blocks import (
-    BLOCK_TYPES,
     ReconstructionUnit,
     capture_unit_inputs,
     unit_graph,
@@ -154,7 +153,7 @@ def _quantize_unit(gm: fx.GraphModule, unit: ReconstructionUnit) -> None:
 
 
 @dataclasses.dataclass
-class FBR:
+class FBR(BlockReconstructionOptions):
     """Stage: EDA-DM's fine-grained block reconstruction (see the module docstring).
 
     Needs activation and weight qparams (run ``observe_activations`` and ``observe_weights``
@@ -167,28 +166,16 @@ class FBR:
     """
 
     iterations: int = 300
-    batch_size: int = 32
-    lr: float = 1e-2
     step_lr: float = 4e-5
     layer_weight: float = 0.8
     fp_share: float = 0.5
-    reg_weight: float = 0.01
-    beta_start: float = 20.0
-    beta_end: float = 2.0
-    warmup: float = 0.2
-    max_samples: int | None = 512
-    seed: int = 0
-    block_types: tuple[type, ...] = BLOCK_TYPES
 
     __name__ = "fbr"
 
     def __post_init__(self) -> None:
-        if self.iterations < 0 or self.batch_size < 1:
-            raise ConfigError("fbr: iterations must be >= 0 and batch_size >= 1")
+        super().__post_init__()
         if not 0 <= self.fp_share <= 1:
             raise ConfigError(f"fbr: fp_share must be in [0, 1], got {self.fp_share}")
-        if not 0 <= self.warmup < 1:
-            raise ConfigError(f"fbr: warmup must be in [0, 1), got {self.warmup}")
         if self.layer_weight < 0:
             raise ConfigError(f"fbr: layer_weight must be >= 0, got {self.layer_weight}")
 
@@ -280,8 +267,7 @@ class FBR:
         )
         loss = rec
         if self.reg_weight and it >= self.warmup * self.iterations:
-            beta = annealed_beta(it, self.iterations, self.warmup, self.beta_start, self.beta_end)
-            loss = rec + self.reg_weight * rounding.regularizer(beta)
+            loss = rec + self.reg_weight * rounding.regularizer(self.beta(it))
         return loss, float(rec.detach())
 
     @staticmethod
