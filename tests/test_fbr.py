@@ -167,3 +167,31 @@ def test_every_preset_names_registered_stages_and_its_prepare_flags():
         assert all(s in dmq_fx.STAGES for s in stages), name
     assert dmq_fx.PRESETS["eda-dm"][-1] == "fbr" and dmq_fx.PREPARE_FLAGS["eda-dm"] == {}
     assert dmq_fx.PREPARE_FLAGS["dmq+eda"] == {"les": True, "pts": "skip"}
+
+
+FAST_STAGES = {
+    "learn_les": dmq_fx.LearnLES(iterations=2, max_samples=8),
+    "learn_les_paper": dmq_fx.LearnLES(iterations=2, max_samples=8),
+    "adaround": dmq_fx.AdaRound(iterations=2, max_samples=8),
+    "adaround_paper": dmq_fx.AdaRound(iterations=2, max_samples=8),
+    "fbr": FBR(iterations=2, max_samples=8),
+    "fbr_paper": FBR(iterations=2, max_samples=8),
+}
+DISTINCT = sorted(p for p in dmq_fx.PRESETS if not p.endswith("-paper"))
+
+
+@pytest.mark.parametrize("preset", DISTINCT)
+def test_every_preset_lowers_within_the_documented_bound(preset):
+    model = build_unet(TINY_DDPM)
+    a, k = example_inputs(model, batch=4)
+    mapping = dmq_fx.get_default_qconfig_mapping(4, 8)
+    prepared = dmq_fx.prepare_fx(model, mapping, a, k, **dmq_fx.PREPARE_FLAGS[preset])
+    stages = [FAST_STAGES.get(s, s) for s in dmq_fx.PRESETS[preset]]
+    dmq_fx.calibrate(prepared, calibration_data(model), stages, progress=False)
+    lowered = dmq_fx.convert_fx(prepared, "x86")
+    x, kw = example_inputs(model, batch=2, seed=3)
+    with torch.no_grad():
+        fp, sim, low = (g(*x, **kw).sample for g in (model, prepared, lowered))
+    assert (low - sim).norm() < 0.5 * (sim - fp).norm()
+    # summary() lists the stages the preset ran
+    assert dmq_fx.summary(lowered).header["stages"].count(">") == len(stages) - 1
