@@ -36,10 +36,21 @@ def test_ddpm_pipeline_generates_with_the_quantized_unet():
             output_type="np",
         ).images
         out[name] = np.asarray(images)
-    assert out["q"].shape == out["fp"].shape
+    assert out["q"].shape == out["fp"].shape == (2, 16, 16, 3)
     diff = np.abs(out["q"] - out["fp"])
     assert 0 < diff.mean() < 0.05  # quantized, and still the same images (range [0, 1])
     assert dmq_fx.summary(q.unet.graph).rows
+    # deterministic: the same config and seed give the same quantized pipeline and images
+    again = dmq_fx.quantize_pipeline(
+        pipe, {"preset": "minmax", "act_bits": 8, **FAST}, progress=False
+    )
+    images = again(
+        batch_size=2,
+        num_inference_steps=4,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert np.array_equal(np.asarray(images), out["q"])
 
 
 def _tiny_stable_diffusion(tmp_path):

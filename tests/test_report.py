@@ -73,6 +73,8 @@ def test_report_compares_every_layer_at_every_timestep(setup, tmp_path):
         "pts_exponents.png",
     } <= names
     assert all(p.stat().st_size > 0 for p in written)
+    header = (tmp_path / "report" / "per_timestep.csv").read_text().splitlines()[0]
+    assert header == "layer,timestep,sqnr_db,input_min,input_max"
     assert str(result).count("\n") == len(layers) + 1
 
 
