@@ -118,9 +118,10 @@ def reference_models(names: list[str]) -> list[ReferenceModel]:
 
 
 #: TDAC's density radius for the reference models: their mid-attention features are on a
-#: smaller scale than CIFAR's (fashion28: median pairwise mean squared distance 0.27 between
-#: steps), so EDA-DM's pixel-space 3.0 puts every step within every other's radius and the
-#: density term vanishes; 0.3 (EDA-DM's latent-model value) keeps it informative.
+#: smaller scale than CIFAR's (benchmarks/tdac_features.py: fashion28's median pairwise mean
+#: squared distance between steps is 0.27), so EDA-DM's pixel-space 3.0 puts every step within
+#: every other's radius and the density term vanishes; 0.3 (EDA-DM's latent-model value) keeps
+#: it informative.
 TDAC_RADIUS = 0.3
 TDAC_LAMBDA = 1.0
 

@@ -32,6 +32,8 @@ __all__ = [
     "all_float",
     "calibrate",
     "input_quantizers",
+    "layer_input_quantizer_names",
+    "layer_quantizers",
     "weight_quantizers",
     "normalize_batch",
 ]
@@ -68,13 +70,25 @@ def normalize_batch(item: Any, index: int) -> Batch:
     return args, kwargs
 
 
+def layer_input_quantizer_names(node: fx.Node) -> list[str]:
+    """Qualified names of a quantized layer's activation quantizers (one per input group)."""
+    n = len(node.meta["dmq_fx"].input_groups)
+    return [input_quantizer_name(node.target, g, n) for g in range(n)]
+
+
+def layer_quantizers(gm: fx.GraphModule, node: fx.Node) -> list[FakeQuantizeBase]:
+    """A quantized layer's activation quantizers, then its weight fake quantizers."""
+    inputs = [gm.get_submodule(name) for name in layer_input_quantizer_names(node)]
+    return inputs + list(weight_quantizer(gm.get_submodule(node.target)).fake_quants)
+
+
 def input_quantizers(gm: fx.GraphModule) -> list[FakeQuantizeBase]:
     """The activation fake quantizers of every quantized layer, in graph order."""
-    out = []
-    for node in quantized_layer_nodes(gm):
-        n = len(node.meta["dmq_fx"].input_groups)
-        out += [gm.get_submodule(input_quantizer_name(node.target, g, n)) for g in range(n)]
-    return out
+    return [
+        gm.get_submodule(name)
+        for node in quantized_layer_nodes(gm)
+        for name in layer_input_quantizer_names(node)
+    ]
 
 
 def weight_quantizers(gm: fx.GraphModule) -> list[FakeQuantizeBase]:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .errors import CalibrationError, ConfigError
 
-__all__ = ["CalibrationData", "collect_calibration_data", "select_samples"]
+__all__ = ["CalibrationData", "collect_calibration_data", "select_samples", "step_features"]
 
 FORMAT = "dmq_fx.calibration/1"
 
@@ -215,6 +215,44 @@ def collect_calibration_data(
 
 
 @torch.no_grad()
+def step_features(
+    unet: torch.nn.Module,
+    pool: CalibrationData,
+    feature_samples: int | None = 256,
+    *,
+    progress: bool = True,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """TDAC's per-step features of ``pool`` (every step of the same trajectories, as
+    ``collect_calibration_data(..., independent_trajectories=False)`` records them): per step,
+    its row indices ordered by trajectory (unconditional half first) and the input of the
+    UNet's middle attention block (:func:`dmq_fx.tdac.mid_attention_input`) over the first
+    ``feature_samples`` trajectories."""
+    from .blocks import capture_unit_inputs
+    from .tdac import mid_attention_input
+    from .tracing import trace
+
+    if pool.trajectory is None:
+        raise CalibrationError("step_features needs data recorded with trajectory ids")
+    trajectories = len(set(pool.trajectory.tolist()))
+    rows = []
+    for k in sorted(set(pool.step_index.tolist())):
+        idx = torch.nonzero(pool.step_index == k).flatten()
+        half = pool.unconditional[idx].long() if pool.unconditional is not None else 0
+        key = pool.trajectory[idx] * 2 + (1 - half)
+        rows.append(idx[torch.argsort(key)])
+    args, kwargs = next(pool.subset(rows[0][:2]).batches(2, shuffle=False))
+    gm = trace(unet, args, kwargs, check=False)
+    node = mid_attention_input(gm)
+    features = []
+    for idx in tqdm(rows, desc="TDAC features", disable=not progress):
+        per = len(idx) // trajectories  # rows per trajectory: 2 under guidance
+        keep = idx if feature_samples is None else idx[: feature_samples * per]
+        batches = list(pool.subset(keep).batches(64, shuffle=False))
+        features.append(capture_unit_inputs(gm, [node], batches, None).values[0])
+    return rows, features
+
+
+@torch.no_grad()
 def select_samples(
     unet: torch.nn.Module,
     scheduler: Any = None,
@@ -244,9 +282,7 @@ def select_samples(
     permutation). Under guidance a sample is both halves. Returns the selected rows, noisiest
     step first.
     """
-    from .blocks import capture_unit_inputs
-    from .tdac import allocate_samples, mid_attention_input, tdac_weights
-    from .tracing import trace
+    from .tdac import allocate_samples, tdac_weights
 
     if n < 1:
         raise ConfigError(f"select_samples: n must be >= 1, got {n}")
@@ -262,22 +298,7 @@ def select_samples(
         progress=progress,
         **sampler_kwargs,
     )
-    steps = sorted(set(pool.step_index.tolist()))
-    rows = []  # per step: row indices ordered by (trajectory, conditional half last)
-    for k in steps:
-        idx = torch.nonzero(pool.step_index == k).flatten()
-        half = pool.unconditional[idx].long() if pool.unconditional is not None else 0
-        key = pool.trajectory[idx] * 2 + (1 - half)
-        rows.append(idx[torch.argsort(key)])
-    first = pool.subset(rows[0][:2])
-    args, kwargs = next(first.batches(2, shuffle=False))
-    gm = trace(unet, args, kwargs, check=False)
-    node = mid_attention_input(gm)
-    features = []
-    for idx in tqdm(rows, desc="TDAC features", disable=not progress):
-        keep = idx if feature_samples is None else idx[: feature_samples * (len(idx) // n)]
-        batches = list(pool.subset(keep).batches(64, shuffle=False))
-        features.append(capture_unit_inputs(gm, [node], batches, None).values[0])
+    rows, features = step_features(unet, pool, feature_samples, progress=progress)
     scores = tdac_weights(features, radius, lam)
     counts = allocate_samples(scores.weights, n, min_per_step)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import fx
 
@@ -112,9 +113,8 @@ class CalibrationCheckpoint:
         for path in files:
             tensors = load_file(str(path))
             assign_state(gm, tensors)
-            with open(path, "rb") as f:  # the layers the stages marked "adaround"
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            marked = set(json.loads(header["__metadata__"]["adaround"]))
+            with safe_open(str(path), "pt") as f:  # the layers the stages marked "adaround"
+                marked = set(json.loads(f.metadata()["adaround"]))
             for node in _layer_nodes(gm):
                 rewrites = node.meta["dmq_fx"].rewrites
                 if str(node.target) in marked and "adaround" not in rewrites:

@@ -52,10 +52,11 @@ from .calibrate import (
     Batch,
     all_float,
     input_quantizers,
+    layer_input_quantizer_names,
+    layer_quantizers,
 )
 from .errors import ConfigError
 from .observers import PowerOfTwoFakeQuantize
-from .passes import input_quantizer_name, weight_quantizer
 from .pts import DMQ_PREPARE_FLAGS
 
 __all__ = ["FBR", "LearnedStepFakeQuantize", "fbr_loss", "mix_inputs"]
@@ -135,21 +136,11 @@ class LearnedStepFakeQuantize(torch.nn.Module):
             self.fake_quant.scale.copy_(step.reshape(self.fake_quant.scale.shape))
 
 
-def _unit_input_quantizers(gm: fx.GraphModule, unit: ReconstructionUnit) -> list[str]:
-    names = []
-    for node in unit.layers:
-        n = len(node.meta["dmq_fx"].input_groups)
-        names += [input_quantizer_name(node.target, g, n) for g in range(n)]
-    return names
-
-
 def _quantize_unit(gm: fx.GraphModule, unit: ReconstructionUnit) -> None:
     """Turn on the unit's activation and weight quantizers (a learned unit quantizes)."""
-    for name in _unit_input_quantizers(gm, unit):
-        gm.get_submodule(name).enable_fake_quant()
     for node in unit.layers:
-        for fq in weight_quantizer(gm.get_submodule(node.target)).fake_quants:
-            fq.enable_fake_quant()
+        for q in layer_quantizers(gm, node):
+            q.enable_fake_quant()
 
 
 @dataclasses.dataclass
@@ -212,7 +203,7 @@ class FBR(BlockReconstructionOptions):
         """Reconstruct ``unit`` (its predecessors quantized); returns the last loss. Afterwards
         the unit's weight and activation quantizers are on."""
         sub, inputs, outputs = unit_graph(gm, unit, extra_outputs=unit.layers[:-1])
-        names = _unit_input_quantizers(gm, unit)
+        names = [name for node in unit.layers for name in layer_input_quantizer_names(node)]
         with all_float(gm):
             x_fp = capture_unit_inputs(gm, inputs, batches, self.max_samples)
         for name in names:  # a quantizer in front of the unit quantizes x_q (observed step)

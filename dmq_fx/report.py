@@ -23,14 +23,23 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from .blocks import capture_unit_inputs, reconstruction_units, unit_graph
-from .calibrate import all_float
+from .calibrate import all_float, layer_quantizers
 from .calibration import CalibrationData
 from .errors import CalibrationError
 from .observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
-from .passes import input_quantizer_name, les_scale_name, weight_quantizer
+from .passes import les_scale_name
 from .serialization import calibrated_graph
 
 __all__ = ["QuantReport", "report", "sqnr_db"]
+
+
+def _save(fig, path: Path) -> Path:
+    from matplotlib import pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -93,20 +102,14 @@ class QuantReport:
             ax.set_xticks(range(len(timesteps)), [str(t) for t in timesteps], fontsize=6)
             ax.set_xlabel("timestep")
             fig.colorbar(image, ax=ax, label=label)
-            fig.tight_layout()
-            fig.savefig(out / name, dpi=120)
-            plt.close(fig)
-            written.append(out / name)
+            written.append(_save(fig, out / name))
         fig, ax = plt.subplots(figsize=(8, height))
         means = [min(row["sqnr_db_mean"], 99.0) for row in self.layers]
         ax.barh(range(len(layers)), means, color="tab:blue")
         ax.set_yticks(range(len(layers)), layers, fontsize=6)
         ax.invert_yaxis()
         ax.set_xlabel("mean SQNR over timesteps (dB)")
-        fig.tight_layout()
-        fig.savefig(out / "sqnr_per_layer.png", dpi=120)
-        plt.close(fig)
-        written.append(out / "sqnr_per_layer.png")
+        written.append(_save(fig, out / "sqnr_per_layer.png"))
         pts = [row for row in self.layers if row["pts_exponents"]]
         if pts:
             fig, ax = plt.subplots(figsize=(8, max(3.0, 0.3 * len(pts))))
@@ -118,10 +121,7 @@ class QuantReport:
             ax.set_yticks(range(len(pts)), [r["layer"] for r in pts], fontsize=7)
             ax.set_xlabel("channels per PTS exponent j (step s * 2^(j - D))")
             ax.legend(fontsize=7)
-            fig.tight_layout()
-            fig.savefig(out / "pts_exponents.png", dpi=120)
-            plt.close(fig)
-            written.append(out / "pts_exponents.png")
+            written.append(_save(fig, out / "pts_exponents.png"))
         les = [row for row in self.layers if row["tau_stats"]]
         if les:
             fig, ax = plt.subplots(figsize=(8, max(4.0, 0.18 * len(les))))
@@ -133,22 +133,13 @@ class QuantReport:
             ax.set_yticks(range(len(les)), [r["layer"] for r in les], fontsize=6)
             ax.invert_yaxis()
             ax.set_xlabel("LES tau: min - max, mean (dot)")
-            fig.tight_layout()
-            fig.savefig(out / "les_tau.png", dpi=120)
-            plt.close(fig)
-            written.append(out / "les_tau.png")
+            written.append(_save(fig, out / "les_tau.png"))
         return written
-
-
-def _layer_quantizers(gm: fx.GraphModule, node: fx.Node) -> list:
-    n = len(node.meta["dmq_fx"].input_groups)
-    inputs = [gm.get_submodule(input_quantizer_name(node.target, g, n)) for g in range(n)]
-    return inputs + list(weight_quantizer(gm.get_submodule(node.target)).fake_quants)
 
 
 def _pts_counts(gm: fx.GraphModule, node: fx.Node) -> list[int]:
     counts: list[int] = []
-    for q in _layer_quantizers(gm, node):
+    for q in layer_quantizers(gm, node):
         entries = list(q.entries) if isinstance(q, TimestepTableFakeQuantize) else [q]
         for e in entries:
             if isinstance(e, PowerOfTwoFakeQuantize) and e.observer.exponents.numel():
@@ -186,7 +177,7 @@ def report(
         for unit in tqdm(units, desc="report", unit="layer", disable=not progress):
             node = unit.layers[0]
             sub, inputs, _ = unit_graph(gm, unit)
-            quantizers = _layer_quantizers(gm, node)
+            quantizers = layer_quantizers(gm, node)
             values = []
             for t, batches in groups:
                 x = capture_unit_inputs(gm, inputs, batches, None)
