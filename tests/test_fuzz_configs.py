@@ -57,7 +57,7 @@ def _inputs(cls, config, batch, seed):
 
 
 @given(unet_configs(), st.sampled_from([(8, 8), (4, 8), (4, 6)]), st.booleans())
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_fuzzed_unets_trace_and_quantize_or_raise_named_errors(drawn, bits, pts):
     cls, config = drawn
     torch.manual_seed(0)
