@@ -23,8 +23,10 @@ dmq (LES with timestep weighting + AdaRound + PTS voted on the skip layers); pts
 chosen by plain MSE instead of voting); pts-vote-all-layers (PTS voted on every conv);
 no-timestep-weighting (dmq with LES's loss unweighted across timesteps);
 dmq-shared-les+adaround (the shared calibration of the three, without PTS: the same numbers as
-les+adaround up to float rounding, a check). The dmq rows share one LES + AdaRound calibration
-per model and bits (neither stage sees PTS); their calib_s is that shared time plus their own.
+les+adaround up to float rounding, a check); les-shared (the "les" preset's state taken from
+that shared calibration before its AdaRound stage: the same stages as "les", run once). The dmq
+rows share one LES + AdaRound calibration per model and bits (neither stage sees PTS); their
+calib_s is that shared time plus their own (les-shared: the LES part only).
 eda-dm (EDA-DM: a TDAC-selected calibration set of the same size as the uniform one, min-max,
 then FBR, fast preset); eda-dm-uniform (the same on the uniform set: uniform vs TDAC
 calibration); dmq+eda (TDAC with a quarter of the per-step count guaranteed at every step, LES
@@ -226,16 +228,30 @@ def _les_adaround_with_pts_everywhere(unet, bits, sets: CalibrationSets, weighti
         mapping = dmq_fx.get_default_qconfig_mapping(wb, ab)
         prepared = dmq_fx.prepare_fx(unet, mapping, *example, les=True, pts="all")
         batches = list(calib.batches(32, seed=0))
-        stages = [
-            dmq_fx.LearnLES(weighting=weighting),
-            "observe_activations",
-            "observe_weights",
-            "adaround",
-        ]
+        stages = [dmq_fx.LearnLES(weighting=weighting), "observe_activations", "observe_weights"]
         dmq_fx.calibrate(prepared, batches, stages, progress=False)
+        les_s = time.perf_counter() - t
+        les_only = _copy_graph(prepared)  # the "les" preset's state: LES, then min-max
+        dmq_fx.calibrate(prepared, batches, ["adaround"], progress=False)
         skip = {n.target for n in skip_connection_layers(dmq_fx.trace(unet, *example))}
         _SHARED[key] = (prepared, batches, skip, time.perf_counter() - t)
+        _SHARED[key + ("les",)] = (les_only, les_s)
     return _SHARED[key]
+
+
+def _copy_graph(gm):
+    copied = copy.deepcopy(gm)
+    copied.meta = copy.deepcopy(gm.meta)
+    return copied
+
+
+def _shared_les(unet, bits, sets: CalibrationSets):
+    """The "les" preset's graph, taken from the shared calibration before its AdaRound stage."""
+    _les_adaround_with_pts_everywhere(unet, bits, sets, "adaptive")
+    les_only, les_s = _SHARED[(id(unet), bits, "adaptive", "les")]
+    t = time.perf_counter()
+    lowered = dmq_fx.convert_fx(_copy_graph(les_only), "x86")
+    return lowered, round(les_s + time.perf_counter() - t, 1)
 
 
 def _dmq_variant(pts_layers: str | None, selection: str = "vote", weighting: str = "adaptive"):
@@ -246,8 +262,7 @@ def _dmq_variant(pts_layers: str | None, selection: str = "vote", weighting: str
             unet, bits, sets, weighting
         )
         t = time.perf_counter()
-        prepared = copy.deepcopy(shared)
-        prepared.meta = copy.deepcopy(shared.meta)
+        prepared = _copy_graph(shared)
         if pts_layers is not None:
             for q in pts_quantizers(prepared):
                 q.observer.selection = selection
@@ -271,6 +286,7 @@ METHODS: dict[str, Callable | None] = {
     "minmax": _dmq_fx("minmax"),
     "smoothquant": _dmq_fx("smoothquant"),
     "les": _dmq_fx("les"),
+    "les-shared": _shared_les,
     "adaround": _dmq_fx("adaround"),
     "les+adaround": _dmq_fx("les+adaround"),
     "dmq": _dmq_variant("skip"),

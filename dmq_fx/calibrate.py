@@ -188,8 +188,9 @@ def calibrate(
     what each finished stage and unit learned there, and resume from it when called again with
     the same stages and data on a freshly prepared graph (:mod:`dmq_fx.checkpoint`).
     Afterwards ``prepared`` simulates the quantized model (fake quantization on, observers off)
-    and :func:`dmq_fx.convert_fx` lowers it. Returns ``prepared`` (calibrated in place, as
-    torch.ao's calibration is).
+    and :func:`dmq_fx.convert_fx` lowers it; calling ``calibrate`` again on it runs more stages
+    on that state (``summary()`` lists every stage run, in order). Returns ``prepared``
+    (calibrated in place, as torch.ao's calibration is).
     """
     state = (
         prepared.meta.get("dmq_fx", {}).get("state")
@@ -242,5 +243,6 @@ def calibrate(
         checkpoint.stage_done(index, prepared)
     _enable_simulation(prepared)
     prepared.meta["dmq_fx"]["state"] = "calibrated"
-    prepared.meta["dmq_fx"]["stages_run"] = [name for name, _ in resolved]
+    # a later call continues the same calibration (e.g. AdaRound after a look at LES alone)
+    meta["stages_run"] = [*meta.get("stages_run", []), *(name for name, _ in resolved)]
     return prepared

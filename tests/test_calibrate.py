@@ -76,6 +76,9 @@ def test_stages_are_an_ordered_list_and_custom_stages_run():
         "observe_weights",
     ]
     assert "observe_activations > count_batches > observe_weights" in str(dmq_fx.summary(prepared))
+    dmq_fx.calibrate(prepared, [(x,)], stages=[count_batches], progress=False)
+    assert calls == [2, 1]  # a second call continues the calibrated graph
+    assert prepared.meta["dmq_fx"]["stages_run"][-2:] == ["observe_weights", "count_batches"]
 
 
 def test_bad_calibration_input_is_named():
