@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -10,7 +12,9 @@ from dmq_fx.unet_configs import (
     example_inputs,
 )
 
-torch.set_num_threads(2)
+# Under pytest-xdist (README's `-n 2`) each worker gets one of the 2 cores: the tiny models'
+# ops gain little from a second thread, and two threads per worker would oversubscribe.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 TINY_CONFIGS = {"ddpm": TINY_DDPM, "class_cond": TINY_CLASS_CONDITIONAL, "sd": TINY_SD}
 

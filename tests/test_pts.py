@@ -196,9 +196,13 @@ def test_pts_on_unets_converts_and_agrees_with_the_simulation():
         dmq_fx.calibrate(prepared, calibration_data(model), dmq_fx.PRESETS["pts"], progress=False)
         a2, k2 = example_inputs(model, batch=3, seed=4)
         with torch.no_grad():
+            fp = model(*a2, **k2).sample
             sim = prepared(*a2, **k2).sample
             out = dmq_fx.convert_fx(prepared, "reference")(*a2, **k2).sample
-        assert (out - sim).abs().max() <= 1e-4 * sim.abs().max()
+        # the documented end-to-end bound (tests/test_convert.py): float summation order can
+        # flip single integers (seen with 1 torch thread on TINY_SD: 1% of the quantization
+        # error); the exact per-layer equality is test_pts_shift_lowering_equals_the_simulation
+        assert (out - sim).norm() < 0.5 * (sim - fp).norm()
 
 
 def test_pts_errors():
