@@ -105,11 +105,8 @@ def test_fbr_lowers_the_block_output_error():
         assert "adaround" in n.meta["dmq_fx"].rewrites
 
 
-@pytest.mark.parametrize(
-    "config,preset",
-    [(TINY_SD, "eda-dm"), (TINY_DDPM, "dmq+eda")],
-    ids=["sd-eda", "ddpm-dmq+eda"],
-)
+# TINY_DDPM with every preset: test_every_preset_lowers_within_the_documented_bound
+@pytest.mark.parametrize("config,preset", [(TINY_SD, "eda-dm")], ids=["sd-eda"])
 def test_presets_convert_to_a_graph_that_agrees_with_the_simulation(config, preset):
     model = build_unet(config)
     a, k = example_inputs(model, batch=4)
