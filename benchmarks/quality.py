@@ -34,7 +34,8 @@ calibration); dmq+eda (TDAC with a quarter of the per-step count guaranteed at e
 per model and, like the uniform collection, not part of calib_s.
 Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
-sense there); the full run (1000 samples, 32 per step) makes README's table. The last line printed
+sense there); the default run is 1000 samples, 32 per step (hours per learned method on 2 CPU
+cores: README's tables use --n 250 --per-step 8 and say so). The last line printed
 is JSON: a list of rows {"model", "bits", "method", "fid", "eps_sqnr_db", "psnr_db", "class_acc",
 "calib_s", ...} (null where a field does not apply).
 """
