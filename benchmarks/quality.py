@@ -210,14 +210,28 @@ def _torchao_fx(unet, bits, sets: CalibrationSets):
     )
 
 
+@dataclass
+class SharedCalibration:
+    """One LES + AdaRound calibration, shared by the les / les+adaround / dmq / PTS rows."""
+
+    calibrated: torch.fx.GraphModule  # after AdaRound
+    les_only: torch.fx.GraphModule  # the "les" preset's state: LES, then min-max
+    batches: list
+    skip: set[str]  # the skip-connection layers
+    les_s: float
+    total_s: float
+
+
 _SHARED: dict = {}
 
 
-def _les_adaround_with_pts_everywhere(unet, bits, sets: CalibrationSets, weighting: str):
+def _les_adaround_with_pts_everywhere(
+    unet, bits, sets: CalibrationSets, weighting: str
+) -> SharedCalibration:
     """LES + AdaRound (fast presets) on a graph whose every conv has a PTS quantizer.
 
     Neither stage sees PTS (LES quantizes its unit per tensor, AdaRound leaves activations
-    float), so les+adaround, dmq and its PTS ablations share this one calibration; a PTS
+    float), so les, les+adaround, dmq and its PTS ablations share this one calibration; a PTS
     quantizer whose exponents are all D is the plain per-tensor quantizer.
     """
     key = (id(unet), bits, weighting)
@@ -232,11 +246,12 @@ def _les_adaround_with_pts_everywhere(unet, bits, sets: CalibrationSets, weighti
         stages = [dmq_fx.LearnLES(weighting=weighting), "observe_activations", "observe_weights"]
         dmq_fx.calibrate(prepared, batches, stages, progress=False)
         les_s = time.perf_counter() - t
-        les_only = _copy_graph(prepared)  # the "les" preset's state: LES, then min-max
-        dmq_fx.calibrate(prepared, batches, ["adaround"], progress=False)
+        les_only = _copy_graph(prepared)
+        dmq_fx.calibrate(prepared, batches, ["adaround"], progress=False)  # continues it
         skip = {n.target for n in skip_connection_layers(dmq_fx.trace(unet, *example))}
-        _SHARED[key] = (prepared, batches, skip, time.perf_counter() - t)
-        _SHARED[key + ("les",)] = (les_only, les_s)
+        _SHARED[key] = SharedCalibration(
+            prepared, les_only, batches, skip, les_s, time.perf_counter() - t
+        )
     return _SHARED[key]
 
 
@@ -248,35 +263,32 @@ def _copy_graph(gm):
 
 def _shared_les(unet, bits, sets: CalibrationSets):
     """The "les" preset's graph, taken from the shared calibration before its AdaRound stage."""
-    _les_adaround_with_pts_everywhere(unet, bits, sets, "adaptive")
-    les_only, les_s = _SHARED[(id(unet), bits, "adaptive", "les")]
+    shared = _les_adaround_with_pts_everywhere(unet, bits, sets, "adaptive")
     t = time.perf_counter()
-    lowered = dmq_fx.convert_fx(_copy_graph(les_only), "x86")
-    return lowered, round(les_s + time.perf_counter() - t, 1)
+    lowered = dmq_fx.convert_fx(_copy_graph(shared.les_only), "x86")
+    return lowered, round(shared.les_s + time.perf_counter() - t, 1)
 
 
 def _dmq_variant(pts_layers: str | None, selection: str = "vote", weighting: str = "adaptive"):
     """dmq (pts_layers "skip", voting), its PTS ablations, or les+adaround (no PTS)."""
 
     def build(unet, bits, sets: CalibrationSets):
-        shared, batches, skip, shared_s = _les_adaround_with_pts_everywhere(
-            unet, bits, sets, weighting
-        )
+        shared = _les_adaround_with_pts_everywhere(unet, bits, sets, weighting)
         t = time.perf_counter()
-        prepared = _copy_graph(shared)
+        prepared = _copy_graph(shared.calibrated)
         if pts_layers is not None:
             for q in pts_quantizers(prepared):
                 q.observer.selection = selection
-            dmq_fx.calibrate(prepared, batches, ["vote_pts"], progress=False)
+            dmq_fx.calibrate(prepared, shared.batches, ["vote_pts"], progress=False)
             for node in quantized_layer_nodes(prepared):
-                if pts_layers == "skip" and node.target not in skip:
+                if pts_layers == "skip" and node.target not in shared.skip:
                     n = len(node.meta["dmq_fx"].input_groups)
                     for g in range(n):
                         q = prepared.get_submodule(input_quantizer_name(node.target, g, n))
                         if isinstance(q, PowerOfTwoFakeQuantize):
                             q.observer.exponents = torch.zeros(0, dtype=torch.long)  # plain s
         lowered = dmq_fx.convert_fx(prepared, "x86")
-        return lowered, round(shared_s + time.perf_counter() - t, 1)
+        return lowered, round(shared.total_s + time.perf_counter() - t, 1)
 
     return build
 

@@ -225,6 +225,23 @@ class BlockReconstructionOptions:
             iteration, self.iterations, self.warmup, self.beta_start, self.beta_end
         )
 
+    def reconstruct(
+        self,
+        gm: fx.GraphModule,
+        batches: Sequence[Batch],
+        progress: bool,
+        restored: Callable[[Any], None] | None = None,
+    ) -> None:
+        """Run :func:`reconstruct_units` with this stage's ``learn_unit`` (unit ``i``: seed + i)."""
+        reconstruct_units(
+            gm,
+            self.__name__,
+            self.block_types,
+            progress,
+            lambda unit, index: self.learn_unit(gm, unit, batches, seed=self.seed + index),
+            restored=restored,
+        )
+
 
 @dataclasses.dataclass
 class AdaRound(BlockReconstructionOptions):
@@ -247,13 +264,7 @@ class AdaRound(BlockReconstructionOptions):
 
     def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
         require_weight_qparams(gm, self.__name__)
-        reconstruct_units(
-            gm,
-            self.__name__,
-            self.block_types,
-            progress,
-            lambda unit, index: self.learn_unit(gm, unit, batches, seed=self.seed + index),
-        )
+        self.reconstruct(gm, batches, progress)
 
     def learn_unit(self, gm: fx.GraphModule, unit, batches: Sequence[Batch], *, seed: int) -> float:
         """Learn the rounding of ``unit``'s layers; returns the final reconstruction loss."""

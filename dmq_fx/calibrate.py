@@ -242,7 +242,7 @@ def calibrate(
             meta.pop("unit_progress", None)
         checkpoint.stage_done(index, prepared)
     _enable_simulation(prepared)
-    prepared.meta["dmq_fx"]["state"] = "calibrated"
+    meta["state"] = "calibrated"
     # a later call continues the same calibration (e.g. AdaRound after a look at LES alone)
     meta["stages_run"] = [*meta.get("stages_run", []), *(name for name, _ in resolved)]
     return prepared

@@ -36,7 +36,6 @@ from .adaround import (
     BlockReconstructionOptions,
     RoundingVariables,
     _output_loss,
-    reconstruct_units,
     require_weight_qparams,
     unit_outputs,
 )
@@ -187,15 +186,8 @@ class FBR(BlockReconstructionOptions):
                     "fbr learns activation steps from the observed ones: run "
                     "'observe_activations' before it"
                 )
-        reconstruct_units(
-            gm,
-            self.__name__,
-            self.block_types,
-            progress,
-            lambda unit, index: self.learn_unit(gm, unit, batches, seed=self.seed + index),
-            # a restored unit quantizes, as learn_unit leaves it
-            restored=lambda unit: _quantize_unit(gm, unit),
-        )
+        # a restored unit quantizes, as learn_unit leaves it
+        self.reconstruct(gm, batches, progress, restored=lambda unit: _quantize_unit(gm, unit))
 
     def learn_unit(
         self, gm: fx.GraphModule, unit: ReconstructionUnit, batches: Sequence[Batch], *, seed: int

@@ -18,6 +18,13 @@ def _quantized_layers(pipe):
     return [m for m in pipe.unet.graph.modules() if isinstance(m, QuantizedLayer)]
 
 
+def _generate(pipe) -> np.ndarray:
+    """Two images, 4 steps, seed 0, as numpy in [0, 1]."""
+    generator = torch.Generator().manual_seed(0)
+    images = pipe(batch_size=2, num_inference_steps=4, generator=generator, output_type="np")
+    return np.asarray(images.images)
+
+
 def test_ddpm_pipeline_generates_with_the_quantized_unet():
     unet = build_unet(TINY_DDPM)
     pipe = DDPMPipeline(unet=unet, scheduler=DDIMScheduler(beta_schedule="squaredcos_cap_v2"))
@@ -27,15 +34,7 @@ def test_ddpm_pipeline_generates_with_the_quantized_unet():
     assert pipe.unet is unet and type(q) is DDPMPipeline
     assert isinstance(q.unet, dmq_fx.QuantizedUNet) and _quantized_layers(q)
     assert q.scheduler is not pipe.scheduler
-    out = {}
-    for name, p in (("fp", pipe), ("q", q)):
-        images = p(
-            batch_size=2,
-            num_inference_steps=4,
-            generator=torch.Generator().manual_seed(0),
-            output_type="np",
-        ).images
-        out[name] = np.asarray(images)
+    out = {"fp": _generate(pipe), "q": _generate(q)}
     assert out["q"].shape == out["fp"].shape == (2, 16, 16, 3)
     diff = np.abs(out["q"] - out["fp"])
     assert 0 < diff.mean() < 0.05  # quantized, and still the same images (range [0, 1])
@@ -44,13 +43,7 @@ def test_ddpm_pipeline_generates_with_the_quantized_unet():
     again = dmq_fx.quantize_pipeline(
         pipe, {"preset": "minmax", "act_bits": 8, **FAST}, progress=False
     )
-    images = again(
-        batch_size=2,
-        num_inference_steps=4,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
-    assert np.array_equal(np.asarray(images), out["q"])
+    assert np.array_equal(_generate(again), out["q"])
 
 
 def _tiny_stable_diffusion(tmp_path):
