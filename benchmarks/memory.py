@@ -1,13 +1,17 @@
 """Peak resident memory and time of each stage of a DMQ calibration on a UNet config.
 
     python benchmarks/memory.py [--config ddpm-cifar10] [--samples 64] [--iterations 5]
+                                [--capture restart|cursor]
 
 Builds the UNet from its diffusers config (random weights), prepares it at W4A8 with LES and PTS,
 and runs the ``dmq`` stages one at a time on ``--samples`` random calibration inputs (batches of
 32), then converts. Learning stages run ``--iterations`` steps per unit: memory is set by what a
 unit holds (its captured inputs and outputs), not by the iteration count, so a short run measures
-it. A thread samples VmRSS every 20 ms; each stage reports its peak and its wall time, with the FP
-model's parameter size for scale. The last line printed is JSON.
+it. ``--capture`` picks how LES and AdaRound capture a unit's inputs (``"restart"``: a
+forward per unit, holding one unit's inputs; ``"cursor"``: one forward in all, paused at each
+unit, holding each sample's live activations). A thread samples VmRSS every 20 ms; each
+stage reports its peak and its wall time, with the FP model's parameter size for scale. The
+last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--capture", choices=["restart", "cursor"], default="restart")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -85,17 +90,21 @@ def main() -> None:
         lambda: dmq_fx.prepare_fx(model, mapping, *batches[0], les=True, pts="skip"),
     )
     stages = [
-        ("learn_les", dmq_fx.LearnLES(iterations=args.iterations)),
+        ("learn_les", dmq_fx.LearnLES(iterations=args.iterations, capture=args.capture)),
         ("observe_activations", "observe_activations"),
         ("vote_pts", "vote_pts"),
         ("observe_weights", "observe_weights"),
-        ("adaround", dmq_fx.AdaRound(iterations=args.iterations)),
+        ("adaround", dmq_fx.AdaRound(iterations=args.iterations, capture=args.capture)),
     ]
     for name, s in stages:
         stage(name, lambda s=s: dmq_fx.calibrate(prepared, batches, [s], progress=True))
     stage("convert", lambda: dmq_fx.convert_fx(prepared, "x86"))
-    print(f"{args.config}: FP parameters {param_mib:.0f} MiB, {args.samples} calibration samples")
-    print(json.dumps({"config": args.config, "param_mib": round(param_mib), "rows": rows}))
+    print(
+        f"{args.config}: FP parameters {param_mib:.0f} MiB, {args.samples} calibration samples, "
+        f"capture={args.capture}"
+    )
+    summary = {"config": args.config, "capture": args.capture, "param_mib": round(param_mib)}
+    print(json.dumps({**summary, "rows": rows}))
 
 
 if __name__ == "__main__":

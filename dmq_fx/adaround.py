@@ -23,7 +23,14 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from . import distributed
-from .blocks import BLOCK_TYPES, capture_unit_inputs, reconstruction_units, unit_graph
+from .blocks import (
+    BLOCK_TYPES,
+    CAPTURE_MODES,
+    ForwardCursor,
+    capture_unit_inputs,
+    reconstruction_units,
+    unit_graph,
+)
 from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
 from .checkpoint import unit_progress
 from .errors import ConfigError
@@ -198,7 +205,10 @@ class BlockReconstructionOptions:
     ``lr`` of the rounding variables), AdaRound's rounding regulariser (``reg_weight`` times
     ``sum(1 - |2h - 1|^beta)``, ``beta`` from ``beta_start`` to ``beta_end`` after a ``warmup``
     share of the iterations), at most ``max_samples`` captured samples per unit, the seed
-    (unit ``i`` uses ``seed + i``) and the module types reconstructed as one block."""
+    (unit ``i`` uses ``seed + i``), the module types reconstructed as one block, and how a
+    unit's inputs are captured (``capture``: ``"restart"``, a forward per unit that stops at
+    it, or ``"cursor"``, one forward in all paused at each unit, :class:`ForwardCursor`: same
+    result, faster on large UNets, more memory)."""
 
     iterations: int = 500
     batch_size: int = 32
@@ -210,6 +220,7 @@ class BlockReconstructionOptions:
     max_samples: int | None = 512
     seed: int = 0
     block_types: tuple[type, ...] = BLOCK_TYPES
+    capture: str = "restart"
 
     __name__ = "block reconstruction"
 
@@ -218,6 +229,10 @@ class BlockReconstructionOptions:
             raise ConfigError(f"{self.__name__}: iterations must be >= 0 and batch_size >= 1")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"{self.__name__}: warmup must be in [0, 1), got {self.warmup}")
+        if self.capture not in CAPTURE_MODES:
+            raise ConfigError(
+                f"{self.__name__}: capture must be one of {CAPTURE_MODES}, got {self.capture!r}"
+            )
 
     def beta(self, iteration: int) -> float:
         """The regulariser exponent at ``iteration`` (:func:`annealed_beta`)."""
@@ -232,13 +247,17 @@ class BlockReconstructionOptions:
         progress: bool,
         restored: Callable[[Any], None] | None = None,
     ) -> None:
-        """Run :func:`reconstruct_units` with this stage's ``learn_unit`` (unit ``i``: seed + i)."""
+        """Run :func:`reconstruct_units` with this stage's ``learn_unit`` (unit ``i``: seed + i;
+        with ``capture="cursor"`` one :class:`ForwardCursor` serves every unit)."""
+        extra = {}
+        if self.capture == "cursor":
+            extra["cursor"] = ForwardCursor(gm, batches, self.max_samples)
         reconstruct_units(
             gm,
             self.__name__,
             self.block_types,
             progress,
-            lambda unit, index: self.learn_unit(gm, unit, batches, seed=self.seed + index),
+            lambda unit, index: self.learn_unit(gm, unit, batches, seed=self.seed + index, **extra),
             restored=restored,
         )
 
@@ -266,10 +285,19 @@ class AdaRound(BlockReconstructionOptions):
         require_weight_qparams(gm, self.__name__)
         self.reconstruct(gm, batches, progress)
 
-    def learn_unit(self, gm: fx.GraphModule, unit, batches: Sequence[Batch], *, seed: int) -> float:
+    def learn_unit(
+        self,
+        gm: fx.GraphModule,
+        unit,
+        batches: Sequence[Batch],
+        *,
+        seed: int,
+        cursor: ForwardCursor | None = None,
+    ) -> float:
         """Learn the rounding of ``unit``'s layers; returns the final reconstruction loss."""
         sub, inputs, _ = unit_graph(gm, unit)
-        data = capture_unit_inputs(gm, inputs, batches, self.max_samples)
+        at = (cursor, unit.nodes[0]) if cursor is not None else None
+        data = capture_unit_inputs(gm, inputs, batches, self.max_samples, at)
         targets = unit_outputs(sub, data)
         kept = list(targets)
         rounding = RoundingVariables.start(gm, unit.layers)

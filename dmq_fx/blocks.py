@@ -7,15 +7,16 @@ inside one module of a block type (``nn_module_stack`` in ``node.meta``): a diff
 Quantized layers outside every block are units of their own. :func:`unit_graph` cuts a unit out
 of the graph as a GraphModule sharing the layers; :func:`capture_unit_inputs` collects its FP
 inputs one unit at a time (the forward stops after the unit's last input), so memory stays
-bounded by one unit's activations.
+bounded by one unit's activations. A :class:`ForwardCursor` trades memory for time: it keeps
+each batch's forward paused at the unit and continues it for the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
@@ -26,14 +27,22 @@ from torch import fx
 from .annotate import quantized_layer_nodes
 from .errors import CalibrationError
 
+if TYPE_CHECKING:
+    from .calibrate import Batch
+
 __all__ = [
     "BLOCK_TYPES",
     "CapturedInputs",
+    "ForwardCursor",
     "ReconstructionUnit",
     "capture_unit_inputs",
     "reconstruction_units",
     "unit_graph",
 ]
+
+#: How unit-wise stages capture a unit's inputs: "restart" (a forward per batch per unit that
+#: stops at the unit; holds one unit's inputs) or "cursor" (:class:`ForwardCursor`).
+CAPTURE_MODES = ("restart", "cursor")
 
 #: Module types reconstructed as one block (outermost wins when they nest).
 BLOCK_TYPES: tuple[type, ...] = (ResnetBlock2D, BasicTransformerBlock, Attention)
@@ -57,7 +66,7 @@ def _block_key(node: fx.Node, block_types: tuple[type, ...]) -> str | None:
     return None
 
 
-def _inserted_inputs(node: fx.Node) -> list[fx.Node]:
+def inserted_inputs(node: fx.Node) -> list[fx.Node]:
     """The nodes dmq_fx inserted in front of ``node`` (quantizers, LES divisions, split cats):
     its transitive inputs without ``nn_module_stack``, in no particular order."""
     out, todo = [], list(node.all_input_nodes)
@@ -100,7 +109,7 @@ def reconstruction_units(
         if key is not None and key in by_block:
             by_block[key].layers.append(layer)
             continue
-        own = sorted(_inserted_inputs(layer) + [layer], key=order.__getitem__)
+        own = sorted(inserted_inputs(layer) + [layer], key=order.__getitem__)
         units.append(ReconstructionUnit(str(layer.target), "layer", own, [layer]))
     return units
 
@@ -152,18 +161,79 @@ class CapturedInputs:
         return [v[index] if b else v for v, b in zip(self.values, self.batched)]
 
 
-def capture_unit_inputs(
+@dataclasses.dataclass
+class _PausedForward:
+    env: dict[fx.Node, Any]  # the values still needed downstream
+    position: int  # index of the next node to run
+    args: Iterator[Any]  # the placeholders' values, consumed in order
+
+
+class ForwardCursor:
+    """The calibration batches' forwards of ``gm``, each paused where the current unit starts.
+
+    Capturing every unit's inputs with a forward that stops at the unit costs O(units x
+    forward); a cursor runs each batch's forward once in all, continuing from where the
+    previous unit paused, so a stage costs about one forward per batch plus the units' own
+    learning. The price is memory: per batch it holds the forward's live values (what
+    ``fx.Interpreter`` has not freed yet: the current activations and the encoder skips of a
+    UNet), a few times one unit's inputs, for every calibration sample at once. Worth it when
+    the forward is costly and the calibration set small (SD-size UNets); ``"restart"`` stays
+    the default. Only for stages that learn units in graph order and change nothing a unit's
+    predecessors compute (LES and AdaRound, which run the graph in float throughout): values
+    computed before a unit are reused after it is learned.
+    """
+
+    def __init__(self, gm: fx.GraphModule, batches: Sequence[Batch], max_samples: int | None):
+        self.gm = gm
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.interpreter = fx.Interpreter(gm)  # its user_to_last_uses frees dead values
+        self.max_samples = max_samples
+        self.batches: list[Batch] = []
+        count = 0
+        for args, kwargs in batches:
+            self.batches.append((args, kwargs))
+            count += _batch_size(args)
+            if max_samples is not None and count >= max_samples:
+                break
+        self._paused: list[_PausedForward | None] = [None] * len(self.batches)
+
+    def values_before(self, first: fx.Node, wanted: Sequence[fx.Node]) -> list[list[Any]] | None:
+        """Run each batch's forward up to (not including) node ``first`` and return, per batch,
+        the values of ``wanted``; None if one of them is not live there (the caller captures
+        this unit another way). A forward already past ``first`` starts over."""
+        stop = self.order[first]
+        out = []
+        with torch.no_grad():
+            for i, (args, kwargs) in enumerate(self.batches):
+                paused = self._paused[i]
+                if paused is None or paused.position > stop:
+                    paused = _PausedForward({}, 0, iter(_bind(self.gm, args, kwargs)))
+                    self._paused[i] = paused
+                self._run(paused, stop)
+                if any(n not in paused.env for n in wanted):
+                    return None
+                out.append([paused.env[n] for n in wanted])
+        return out
+
+    def _run(self, paused: _PausedForward, stop: int) -> None:
+        interp = self.interpreter
+        interp.env, interp.args_iter = paused.env, paused.args
+        while paused.position < stop:
+            node = self.nodes[paused.position]
+            paused.env[node] = interp.run_node(node)
+            for dead in interp.user_to_last_uses.get(node, []):
+                paused.env.pop(dead, None)
+            paused.position += 1
+
+
+def _partial_forwards(
     gm: fx.GraphModule,
     inputs: Sequence[fx.Node],
-    batches: Sequence[tuple[tuple, dict]],
+    batches: Sequence[Batch],
     max_samples: int | None,
-) -> CapturedInputs:
-    """Run ``gm`` on the batches until ``inputs`` are computed, collecting their values.
-
-    A tensor input whose first dimension is the batch's is per sample (concatenated, at most
-    ``max_samples``); any other value must be the same in every batch. ``gm`` runs as it is
-    (put its quantizers in float mode first for FP inputs).
-    """
+) -> list[list[Any]]:
+    """Per batch the values of ``inputs``, each batch's forward stopped once they are computed."""
     wanted = set(inputs)
     seen: dict[fx.Node, Any] = {}
 
@@ -177,7 +247,7 @@ def capture_unit_inputs(
             return value
 
     interp = Capture(gm)
-    collected: list[list[Any]] = [[] for _ in inputs]
+    per_batch = []
     count = 0
     with torch.no_grad():
         for args, kwargs in batches:
@@ -187,12 +257,32 @@ def capture_unit_inputs(
             if len(seen) != len(wanted):
                 missing = [n.name for n in inputs if n not in seen]
                 raise CalibrationError(f"unit inputs {missing} were never computed")
-            batch = _batch_size(args)
-            for slot, n in zip(collected, inputs):
-                slot.append(seen[n])
-            count += batch
+            per_batch.append([seen[n] for n in inputs])
+            count += _batch_size(args)
             if max_samples is not None and count >= max_samples:
                 break
+    return per_batch
+
+
+def capture_unit_inputs(
+    gm: fx.GraphModule,
+    inputs: Sequence[fx.Node],
+    batches: Sequence[Batch],
+    max_samples: int | None,
+    cursor: tuple[ForwardCursor, fx.Node] | None = None,
+) -> CapturedInputs:
+    """Run ``gm`` on the batches until ``inputs`` are computed, collecting their values.
+
+    A tensor input whose first dimension is the batch's is per sample (concatenated, at most
+    ``max_samples``); any other value must be the same in every batch. ``gm`` runs as it is
+    (put its quantizers in float mode first for FP inputs). With ``cursor=(cursor, first)``
+    the values come from a :class:`ForwardCursor` paused before the unit's ``first`` node
+    (the same values, without running the forward from the start).
+    """
+    per_batch = cursor[0].values_before(cursor[1], inputs) if cursor is not None else None
+    if per_batch is None:
+        per_batch = _partial_forwards(gm, inputs, batches, max_samples)
+    collected = [list(slot) for slot in zip(*per_batch)]
     values, batched = [], []
     for n, slot in zip(inputs, collected):
         per_sample = all(

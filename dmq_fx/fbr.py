@@ -168,6 +168,10 @@ class FBR(BlockReconstructionOptions):
             raise ConfigError(f"fbr: fp_share must be in [0, 1], got {self.fp_share}")
         if self.layer_weight < 0:
             raise ConfigError(f"fbr: layer_weight must be >= 0, got {self.layer_weight}")
+        if self.capture != "restart":
+            # FBR switches the quantizers in front of each unit between its two captures and
+            # quantizes the unit afterwards: values a paused forward computed before would be stale
+            raise ConfigError(f"fbr: capture must be 'restart', got {self.capture!r}")
 
     @classmethod
     def paper(cls, **overrides) -> FBR:

@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .annotate import LayerQuantSpec
-from .blocks import StopForward
+from .blocks import (
+    CAPTURE_MODES,
+    ForwardCursor,
+    ReconstructionUnit,
+    StopForward,
+    inserted_inputs,
+    unit_graph,
+)
 from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
 from .checkpoint import unit_progress
 from .errors import CalibrationError, ConfigError
@@ -78,13 +85,22 @@ def _float_mode(gm: fx.GraphModule) -> None:
 
 
 def _capture_unit_inputs(
-    gm: fx.GraphModule, owner: str, batches: Sequence[Batch], max_samples: int | None
+    gm: fx.GraphModule,
+    owner: str,
+    batches: Sequence[Batch],
+    max_samples: int | None,
+    cursor: ForwardCursor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The FP inputs of LES unit ``owner`` (before the division by tau) and their timesteps.
 
     Runs the graph in float mode up to the owner layer only (the forward stops there), one
-    batch at a time, so only this unit's inputs are ever held.
+    batch at a time, so only this unit's inputs are ever held; with a :class:`ForwardCursor`
+    the forwards pause in front of the unit instead (see :func:`_capture_with_cursor`).
     """
+    if cursor is not None:
+        captured = _capture_with_cursor(gm, owner, cursor)
+        if captured is not None:
+            return captured
     layer = gm.get_submodule(owner)
     les = gm.get_submodule(les_scale_name(owner))
     captured: list[torch.Tensor] = []
@@ -110,6 +126,37 @@ def _capture_unit_inputs(
                     break
     finally:
         handle.remove()
+    x = torch.cat(captured)[:max_samples]
+    t = torch.cat(steps)[:max_samples] if len(steps) == len(captured) else None
+    return x, t
+
+
+def _capture_with_cursor(
+    gm: fx.GraphModule, owner: str, cursor: ForwardCursor
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """:func:`_capture_unit_inputs` from a cursor paused before the nodes in front of the owner
+    (its LES division, quantizer, split cat): those depend on the tau about to be learned, so
+    they run here on their own, the same ops as the forward would, and again, with the learned
+    tau, when the cursor moves on. None if the cursor cannot serve this unit."""
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == owner)
+    front = sorted(inserted_inputs(node), key=cursor.order.__getitem__)
+    if not front:
+        return None
+    unit = ReconstructionUnit(owner, "layer", front, [])
+    sub, inputs, _ = unit_graph(gm, unit, extra_outputs=[node.args[0]])
+    per_batch = cursor.values_before(front[0], inputs)
+    if per_batch is None:
+        return None
+    les = gm.get_submodule(les_scale_name(owner))
+    captured, steps = [], []
+    with torch.no_grad():
+        for values, (args, kwargs) in zip(per_batch, cursor.batches):
+            x = sub(*values)[-1]
+            captured.append(x * les.broadcastable(x))  # undo the current division
+            t = batch_timesteps(gm, args, kwargs)
+            if t is not None:
+                steps.append(t)
+    max_samples = cursor.max_samples
     x = torch.cat(captured)[:max_samples]
     t = torch.cat(steps)[:max_samples] if len(steps) == len(captured) else None
     return x, t
@@ -221,7 +268,9 @@ class LearnLES:
     (``momentum``, reset per unit; ``weighting="uniform"`` turns it off).
 
     The defaults are the CPU budget (300 iterations at lr 1e-2); :meth:`paper` gives DMQ's
-    (6000 iterations at lr 1e-3, batch 32).
+    (6000 iterations at lr 1e-3, batch 32). ``capture="cursor"`` takes each unit's inputs from
+    one forward per batch paused in front of the unit (:class:`~dmq_fx.blocks.ForwardCursor`):
+    the same tau, without a forward per unit, for more memory.
     """
 
     iterations: int = 300
@@ -233,6 +282,7 @@ class LearnLES:
     momentum: float = 0.95
     max_samples: int | None = 512
     seed: int = 0
+    capture: str = "restart"
 
     __name__ = "learn_les"
 
@@ -241,6 +291,8 @@ class LearnLES:
             raise ConfigError(f"weighting must be 'adaptive' or 'uniform', got {self.weighting!r}")
         if self.iterations < 0 or self.batch_size < 1:
             raise ConfigError("iterations must be >= 0 and batch_size >= 1")
+        if self.capture not in CAPTURE_MODES:
+            raise ConfigError(f"capture must be one of {CAPTURE_MODES}, got {self.capture!r}")
 
     @classmethod
     def paper(cls, **overrides) -> LearnLES:
@@ -252,18 +304,23 @@ class LearnLES:
         units = _require_les(gm, self.__name__)
         _float_mode(gm)
         resume = unit_progress(gm)
+        cursor = None
+        if self.capture == "cursor":
+            cursor = ForwardCursor(gm, batches, self.max_samples)
         bar = tqdm(units.items(), desc="learn LES", unit="layer", disable=not progress)
         for index, (owner, nodes) in enumerate(bar):
             if index < resume.start:  # learned before an interruption, restored
                 continue
-            loss = self.learn_unit(gm, owner, nodes, batches, seed=self.seed + index)
+            loss = self.learn_unit(gm, owner, nodes, batches, seed=self.seed + index, cursor=cursor)
             resume.done(index, nodes)
             bar.set_postfix(layer=owner, loss=f"{loss:.4g}")
 
-    def learn_unit(self, gm, owner, nodes, batches, *, seed: int) -> float:
+    def learn_unit(
+        self, gm, owner, nodes, batches, *, seed: int, cursor: ForwardCursor | None = None
+    ) -> float:
         """Learn one unit's tau; returns the final (unweighted) mean reconstruction loss."""
         les: LESScale = gm.get_submodule(les_scale_name(owner))
-        x_all, t_all = _capture_unit_inputs(gm, owner, batches, self.max_samples)
+        x_all, t_all = _capture_unit_inputs(gm, owner, batches, self.max_samples, cursor)
         layers = [_UnitLayer(gm, node) for node in nodes]
         with torch.no_grad():
             targets = [

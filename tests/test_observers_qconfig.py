@@ -47,6 +47,40 @@ def test_mse_observer_is_the_best_candidate_of_the_grid(seed, bits, outlier):
     assert (got <= lp_error(w, mm_scale, mm_zp, 0, qmax) + 1e-9).all()
 
 
+@pytest.mark.parametrize(
+    "shape, ch_axis", [((24, 2**17), 0), ((7, 5, 3), 1)], ids=["several-blocks", "ch-axis-1"]
+)
+def test_mse_observer_matches_a_whole_tensor_search_with_the_aten_kernel(shape, ch_axis):
+    """The blocked search with hand-written fake quantization picks exactly what a whole-tensor
+    search with torch.fake_quantize_per_channel_affine picks (24 rows of 2^17 span 3 blocks)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(shape, generator=g) * torch.rand(shape[ch_axis], generator=g).view(
+        [-1 if i == ch_axis else 1 for i in range(len(shape))]
+    )
+    obs = MSEGridSearchPerChannelObserver(
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_affine,
+        quant_min=-8,
+        quant_max=7,
+        ch_axis=ch_axis,
+    )
+    obs(w)
+    scale, zp = obs.calculate_qparams()
+    rows = w.transpose(0, ch_axis)
+    best_err = best_s = best_z = None
+    for i in range(80):
+        s, z = obs._calculate_qparams(obs.min_val * (1 - 0.01 * i), obs.max_val * (1 - 0.01 * i))
+        err = lp_error(rows, s, z, -8, 7)
+        if best_err is None:
+            best_err, best_s, best_z = err, s, z
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    assert torch.equal(scale, best_s)
+    assert torch.equal(zp, best_z)
+
+
 def test_default_observers_follow_spec_1_1():
     w4 = weight_observer(4)()
     assert (w4.quant_min, w4.quant_max, w4.qscheme) == (0, 15, torch.per_channel_affine)
