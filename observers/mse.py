@@ -13,7 +13,8 @@ class MSEGridSearchPerChannelObserver(PerChannelMinMaxObserver):
     max * (1 - shrink * i)]`` of each channel; the candidate with the least mean ``|Q(w) - w|^p``
     over the channel wins. With the defaults (80 candidates, shrink 0.01, p = 2.4) this is the
     weight quantizer of DMQ and Q-Diffusion. Works with affine and symmetric per-channel qschemes;
-    the search runs on the last observed tensor (a weight is observed once).
+    the search runs on the last observed tensor (a weight is observed once), which is released
+    once searched; its result is kept until the next observation.
     """
 
     def __init__(
@@ -29,14 +30,18 @@ class MSEGridSearchPerChannelObserver(PerChannelMinMaxObserver):
         self.num_candidates = num_candidates
         self.shrink = shrink
         self._observed: torch.Tensor | None = None
+        self._searched: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
         if x_orig.numel() > 0:
             self._observed = x_orig.detach()
+            self._searched = None
         return super().forward(x_orig)
 
     @torch.no_grad()
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._searched is not None:
+            return tuple(t.clone() for t in self._searched)
         w = self._observed
         if w is None:
             return super().calculate_qparams()
@@ -67,7 +72,10 @@ class MSEGridSearchPerChannelObserver(PerChannelMinMaxObserver):
                 best_err = torch.where(better, err, best_err)
                 best_scale[sl] = torch.where(better, scale[sl], best_scale[sl])
                 best_zp[sl] = torch.where(better, zp[sl], best_zp[sl])
-        return best_scale, best_zp
+        # Keep the answer, not the tensor: the observed weight is often a fresh copy (tau * W
+        # under LES), and holding one per layer grew SD 1.5's calibration by 2.2 GiB.
+        self._observed, self._searched = None, (best_scale, best_zp)
+        return best_scale.clone(), best_zp.clone()
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}, num_candidates={self.num_candidates}"

@@ -99,3 +99,18 @@ def test_unsupported_bit_widths_are_rejected(bits):
         dmq_fx.get_default_qconfig_mapping(weight_bits=bits)
     with pytest.raises(dmq_fx.ConfigError, match="act_bits must be an integer from 2 to 8"):
         dmq_fx.get_default_qconfig_mapping(act_bits=bits)
+
+
+def test_mse_observer_releases_the_weight_and_keeps_its_answer():
+    obs = MSEGridSearchPerChannelObserver(
+        dtype=torch.qint8, qscheme=torch.per_channel_affine, quant_min=-8, quant_max=7
+    )
+    w = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))
+    obs(w * 1.0)
+    first = obs.calculate_qparams()
+    assert obs._observed is None  # no copy of the weight outlives the search
+    again = obs.calculate_qparams()
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], obs._calculate_qparams(obs.min_val, obs.max_val)[0])
+    obs(w * 3.0)  # a new observation is searched anew
+    assert torch.allclose(obs.calculate_qparams()[0], first[0] * 3.0, rtol=1e-5)
