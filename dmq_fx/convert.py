@@ -328,7 +328,11 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
         source_record = saved_settings(prepared)
     except ConfigError as e:  # a graph save() cannot describe still converts; save() says why
         source_record = e
-    gm = copy.deepcopy(prepared)
+    # Each quantized layer is replaced by a QuantizedLayer below and only read until then: the
+    # copy shares them with ``prepared`` instead of duplicating their float weights (converting
+    # SD 1.5 would otherwise hold a second FP model).
+    layers = [prepared.get_submodule(n.target) for n in quantized_layer_nodes(prepared)]
+    gm = copy.deepcopy(prepared, {id(layer): layer for layer in layers})
     gm.meta = copy.deepcopy(prepared.meta)
     graph = gm.graph
     les_owners = {n.meta["dmq_fx"].les_owner for n in quantized_layer_nodes(gm)} - {None}
