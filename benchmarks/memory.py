@@ -1,7 +1,7 @@
 """Peak resident memory and time of each stage of a DMQ calibration on a UNet config.
 
     python benchmarks/memory.py [--config ddpm-cifar10] [--samples 64] [--iterations 5]
-                                [--capture restart|cursor]
+                                [--capture restart|cursor] [--mmap-threshold BYTES]
 
 Builds the UNet from its diffusers config (random weights), prepares it at W4A8 with LES and PTS,
 and runs the ``dmq`` stages one at a time on ``--samples`` random calibration inputs (batches of
@@ -10,13 +10,17 @@ unit holds (its captured inputs and outputs), not by the iteration count, so a s
 it. ``--capture`` picks how LES and AdaRound capture a unit's inputs (``"restart"``: a
 forward per unit, holding one unit's inputs; ``"cursor"``: one forward in all, paused at each
 unit, holding each sample's live activations). A thread samples VmRSS every 20 ms; each
-stage reports its peak and its wall time, with the FP model's parameter size for scale. The
-last line printed is JSON.
+stage reports its peak and its wall time, with the FP model's parameter size for scale.
+``--mmap-threshold`` fixes glibc's mmap threshold (``mallopt(M_MMAP_THRESHOLD)``, what the
+``MALLOC_MMAP_THRESHOLD_`` environment variable does): by default glibc raises it as large blocks
+are freed, so freed activations stay in the heap and RSS counts them; fixed, every block above it
+is returned to the OS when freed. The last line printed is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import threading
 import time
@@ -66,8 +70,13 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--capture", choices=["restart", "cursor"], default="restart")
+    ap.add_argument("--mmap-threshold", type=int, help="bytes; glibc only (default: glibc's)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.mmap_threshold is not None:
+        M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+        if not ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, args.mmap_threshold):
+            raise SystemExit(f"mallopt(M_MMAP_THRESHOLD, {args.mmap_threshold}) failed")
     rows = []
 
     def stage(name, fn):
@@ -103,7 +112,12 @@ def main() -> None:
         f"{args.config}: FP parameters {param_mib:.0f} MiB, {args.samples} calibration samples, "
         f"capture={args.capture}"
     )
-    summary = {"config": args.config, "capture": args.capture, "param_mib": round(param_mib)}
+    summary = {
+        "config": args.config,
+        "capture": args.capture,
+        "mmap_threshold": args.mmap_threshold,
+        "param_mib": round(param_mib),
+    }
     print(json.dumps({**summary, "rows": rows}))
 
 
