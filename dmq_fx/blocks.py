@@ -176,7 +176,7 @@ class ForwardCursor:
     previous unit paused, so a stage costs about one forward per batch plus the units' own
     learning. The price is memory: per batch it holds the forward's live values (what
     ``fx.Interpreter`` has not freed yet: the current activations and the encoder skips of a
-    UNet), a few times one unit's inputs, for every calibration sample at once. Worth it when
+    UNet) for every calibration sample at once. Worth it when
     the forward is costly and the calibration set small (SD-size UNets); ``"restart"`` stays
     the default. Only for stages that learn units in graph order and change nothing a unit's
     predecessors compute (LES and AdaRound, which run the graph in float throughout): values

@@ -86,7 +86,7 @@ def _float_mode(gm: fx.GraphModule) -> None:
 
 def _capture_unit_inputs(
     gm: fx.GraphModule,
-    owner: str,
+    owner: fx.Node,
     batches: Sequence[Batch],
     max_samples: int | None,
     cursor: ForwardCursor | None = None,
@@ -95,71 +95,68 @@ def _capture_unit_inputs(
 
     Runs the graph in float mode up to the owner layer only (the forward stops there), one
     batch at a time, so only this unit's inputs are ever held; with a :class:`ForwardCursor`
-    the forwards pause in front of the unit instead (see :func:`_capture_with_cursor`).
+    the forwards pause in front of the unit instead (:func:`_owner_inputs_from_cursor`).
     """
-    if cursor is not None:
-        captured = _capture_with_cursor(gm, owner, cursor)
-        if captured is not None:
-            return captured
-    layer = gm.get_submodule(owner)
-    les = gm.get_submodule(les_scale_name(owner))
-    captured: list[torch.Tensor] = []
-    steps: list[torch.Tensor] = []
-
-    def hook(module, inputs):
-        x = inputs[0].detach()
-        captured.append(x * les.broadcastable(x).detach())  # undo the current division
-        raise StopForward
-
-    handle = layer.register_forward_pre_hook(hook)
-    count = 0
-    try:
-        with torch.no_grad():
-            for args, kwargs in batches:
-                with contextlib.suppress(StopForward):
-                    gm(*args, **kwargs)
-                t = batch_timesteps(gm, args, kwargs)
-                if t is not None:
-                    steps.append(t)
-                count += captured[-1].shape[0]
-                if max_samples is not None and count >= max_samples:
-                    break
-    finally:
-        handle.remove()
-    x = torch.cat(captured)[:max_samples]
-    t = torch.cat(steps)[:max_samples] if len(steps) == len(captured) else None
-    return x, t
-
-
-def _capture_with_cursor(
-    gm: fx.GraphModule, owner: str, cursor: ForwardCursor
-) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """:func:`_capture_unit_inputs` from a cursor paused before the nodes in front of the owner
-    (its LES division, quantizer, split cat): those depend on the tau about to be learned, so
-    they run here on their own, the same ops as the forward would, and again, with the learned
-    tau, when the cursor moves on. None if the cursor cannot serve this unit."""
-    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == owner)
-    front = sorted(inserted_inputs(node), key=cursor.order.__getitem__)
-    if not front:
-        return None
-    unit = ReconstructionUnit(owner, "layer", front, [])
-    sub, inputs, _ = unit_graph(gm, unit, extra_outputs=[node.args[0]])
-    per_batch = cursor.values_before(front[0], inputs)
-    if per_batch is None:
-        return None
-    les = gm.get_submodule(les_scale_name(owner))
+    raw = _owner_inputs_from_cursor(gm, owner, cursor) if cursor is not None else None
+    if raw is None:
+        raw = _owner_inputs_by_partial_forwards(gm, owner, batches, max_samples)
+    les = gm.get_submodule(les_scale_name(owner.target))
     captured, steps = [], []
     with torch.no_grad():
-        for values, (args, kwargs) in zip(per_batch, cursor.batches):
-            x = sub(*values)[-1]
+        for x, (args, kwargs) in raw:
             captured.append(x * les.broadcastable(x))  # undo the current division
             t = batch_timesteps(gm, args, kwargs)
             if t is not None:
                 steps.append(t)
-    max_samples = cursor.max_samples
     x = torch.cat(captured)[:max_samples]
     t = torch.cat(steps)[:max_samples] if len(steps) == len(captured) else None
     return x, t
+
+
+def _owner_inputs_by_partial_forwards(
+    gm: fx.GraphModule, owner: fx.Node, batches: Sequence[Batch], max_samples: int | None
+) -> list[tuple[torch.Tensor, Batch]]:
+    """Per batch, what the owner layer receives, each forward stopped there."""
+    raw: list[tuple[torch.Tensor, Batch]] = []
+    current: list[Batch] = []
+
+    def hook(module, inputs):
+        raw.append((inputs[0].detach(), current[-1]))
+        raise StopForward
+
+    handle = gm.get_submodule(owner.target).register_forward_pre_hook(hook)
+    count = 0
+    try:
+        with torch.no_grad():
+            for args, kwargs in batches:
+                current.append((args, kwargs))
+                with contextlib.suppress(StopForward):
+                    gm(*args, **kwargs)
+                count += raw[-1][0].shape[0]
+                if max_samples is not None and count >= max_samples:
+                    break
+    finally:
+        handle.remove()
+    return raw
+
+
+def _owner_inputs_from_cursor(
+    gm: fx.GraphModule, owner: fx.Node, cursor: ForwardCursor
+) -> list[tuple[torch.Tensor, Batch]] | None:
+    """Per batch, what the owner layer receives, from a cursor paused before the nodes in front
+    of it (its LES division, quantizer, split cat): those depend on the tau about to be
+    learned, so they run here on their own, the same ops as the forward would, and again, with
+    the learned tau, when the cursor moves on. None if the cursor cannot serve this unit."""
+    front = sorted(inserted_inputs(owner), key=cursor.order.__getitem__)
+    if not front:
+        return None
+    unit = ReconstructionUnit(str(owner.target), "layer", front, [])
+    sub, inputs, _ = unit_graph(gm, unit, extra_outputs=[owner.args[0]])
+    per_batch = cursor.values_before(front[0], inputs)
+    if per_batch is None:
+        return None
+    with torch.no_grad():
+        return [(sub(*values)[-1], batch) for values, batch in zip(per_batch, cursor.batches)]
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -320,7 +317,8 @@ class LearnLES:
     ) -> float:
         """Learn one unit's tau; returns the final (unweighted) mean reconstruction loss."""
         les: LESScale = gm.get_submodule(les_scale_name(owner))
-        x_all, t_all = _capture_unit_inputs(gm, owner, batches, self.max_samples, cursor)
+        owner_node = next(n for n in nodes if n.target == owner)
+        x_all, t_all = _capture_unit_inputs(gm, owner_node, batches, self.max_samples, cursor)
         layers = [_UnitLayer(gm, node) for node in nodes]
         with torch.no_grad():
             targets = [

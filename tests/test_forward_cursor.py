@@ -27,12 +27,12 @@ def _calibrate(model, capture: str, data, calls: dict):
 
     conv_in = gm.get_submodule("conv_in")
     for name, stage in [
-        ("learn_les", LearnLES(iterations=3, capture=capture)),
-        ("observe", ("observe_activations", "vote_pts", "observe_weights")),
-        ("adaround", AdaRound(iterations=3, capture=capture)),
+        ("learn_les", [LearnLES(iterations=3, capture=capture)]),
+        ("observe", ["observe_activations", "vote_pts", "observe_weights"]),
+        ("adaround", [AdaRound(iterations=3, capture=capture)]),
     ]:
         handle = conv_in.register_forward_pre_hook(count(name))
-        dmq_fx.calibrate(gm, data, stage if isinstance(stage, tuple) else [stage], progress=False)
+        dmq_fx.calibrate(gm, data, stage, progress=False)
         handle.remove()
     return gm
 
