@@ -30,7 +30,7 @@ from .serialization import assign_state, learned_state
 
 __all__ = ["CalibrationCheckpoint", "UnitProgress", "unit_progress"]
 
-FORMAT = "dmq_fx.calibration-checkpoint/1"
+FORMAT = "dmq_fx.calibration-checkpoint/2"
 
 
 @dataclasses.dataclass

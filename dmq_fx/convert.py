@@ -43,8 +43,9 @@ def _integer_weights(layer: torch.nn.Module, spec: LayerQuantSpec):
         scale = fq.scale.detach().float().reshape(-1).expand(part.shape[0]).contiguous()
         zp = fq.zero_point.detach().int().reshape(-1).expand(part.shape[0]).contiguous()
         dtype = torch.uint8 if fq.quant_min >= 0 else torch.int8
-        if grouped.rounding(g) is not None:  # learned rounding (AdaRound)
-            w_int = integer_weight(part.float(), fq, grouped.rounding(g).float()).to(dtype)
+        round_up = grouped.rounding(g)
+        if round_up is not None:  # learned rounding (AdaRound)
+            w_int = integer_weight(part.float(), fq, round_up.float()).to(dtype)
         else:
             w_int = _qd.quantize_per_channel(
                 part.float(), scale, zp, 0, fq.quant_min, fq.quant_max, dtype

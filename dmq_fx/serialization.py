@@ -33,7 +33,7 @@ from .passes import GroupedWeightFakeQuantize, LESScale
 
 __all__ = ["FORMAT", "calibrated_graph", "learned_state", "load", "save"]
 
-FORMAT = "dmq_fx.quantized/1"
+FORMAT = "dmq_fx.quantized/2"
 _STATE_TYPES = (FakeQuantizeBase, GroupedWeightFakeQuantize, LESScale)
 
 

@@ -13,6 +13,7 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.nn.utils import parametrize
 
 from dmq_fx.annotate import LayerQuantSpec, make_fake_quantize, quantized_layer_nodes
+from dmq_fx.bitpacking import pack_bits, unpack_bits
 
 __all__ = [
     "GroupedWeightFakeQuantize",
@@ -51,9 +52,11 @@ class GroupedWeightFakeQuantize(torch.nn.Module):
     With one group this is the layer's weight quantizer; with several (a shortcut conv fed by a
     skip concatenation) each group of input channels has its own per-output-channel qparams.
 
-    A group may carry a learned rounding (buffer ``rounding_<g>``, 0 / 1 per weight, set by
-    AdaRound): its weights are then ``floor(w / s) + rounding`` instead of round-to-nearest
-    (:func:`integer_weight`); ``convert_fx`` stores the same integers.
+    A group may carry a learned rounding (0 / 1 per weight, set by AdaRound): its weights are
+    then ``floor(w / s) + rounding`` instead of round-to-nearest (:func:`integer_weight`);
+    ``convert_fx`` stores the same integers. It is held packed, eight weights to a byte (buffer
+    ``rounding_<g>``, with the group's weight shape in ``rounding_shape_<g>``), because it stays
+    from the stage that learns it to convert.
     """
 
     def __init__(self, fake_quants: list[FakeQuantizeBase], split_sizes: tuple[int, ...]):
@@ -62,6 +65,7 @@ class GroupedWeightFakeQuantize(torch.nn.Module):
         self.split_sizes = tuple(split_sizes)
         for g in range(len(fake_quants)):
             self.register_buffer(f"rounding_{g}", None)
+            self.register_buffer(f"rounding_shape_{g}", None)
         #: soft roundings (one tensor per group) used instead while AdaRound learns them
         self.soft_rounding: list[torch.Tensor] | None = None
 
@@ -73,14 +77,22 @@ class GroupedWeightFakeQuantize(torch.nn.Module):
         return list(torch.split(weight, self.split_sizes, dim=1))
 
     def rounding(self, group: int) -> torch.Tensor | None:
-        """The learned rounding of ``group`` (None: round to nearest)."""
-        return getattr(self, f"rounding_{group}")
+        """The learned rounding of ``group``, 0 / 1 per weight as uint8 (None: round to
+        nearest); unpacked on each call."""
+        packed = getattr(self, f"rounding_{group}")
+        if packed is None:
+            return None
+        return unpack_bits(packed, getattr(self, f"rounding_shape_{group}").tolist())
 
     def set_rounding(self, group: int, round_up: torch.Tensor | None) -> None:
-        """Fix ``group``'s rounding to ``round_up`` (0 / 1 per weight), or back to nearest."""
+        """Fix ``group``'s rounding to ``round_up`` (bool, or 0 / 1 per weight), or back to
+        nearest (None)."""
+        packed = shape = None
         if round_up is not None:
-            round_up = round_up.detach().to(torch.uint8)
-        setattr(self, f"rounding_{group}", round_up)
+            packed = pack_bits(round_up)
+            shape = torch.tensor(round_up.shape, dtype=torch.int64)
+        setattr(self, f"rounding_{group}", packed)
+        setattr(self, f"rounding_shape_{group}", shape)
 
     def _quantize(self, group: int, fq: FakeQuantizeBase, part: torch.Tensor) -> torch.Tensor:
         up = self.soft_rounding[group] if self.soft_rounding is not None else self.rounding(group)

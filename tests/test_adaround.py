@@ -126,6 +126,8 @@ def test_learned_rounding_is_what_convert_stores(config):
         assert isinstance(stored, QuantizedLayer)
         for g, (fq, w) in enumerate(zip(grouped.fake_quants, weights)):
             expected = integer_weight(w.detach(), fq, grouped.rounding(g).float())
+            # held packed: one byte per eight weights
+            assert getattr(grouped, f"rounding_{g}").numel() == -(-w.numel() // 8)
             assert torch.equal(getattr(stored, f"weight_int_{g}").float(), expected), node.name
     with torch.no_grad():
         sim = gm(*a, **k).sample

@@ -85,10 +85,10 @@ def test_load_refuses_other_models_formats_and_corrupted_files(tmp_path):
     tensors = load_file(str(path))
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
-    newer = tmp_path / "newer.safetensors"
-    save_file(tensors, str(newer), metadata={**metadata, "format": "dmq_fx.quantized/2"})
-    with pytest.raises(dmq_fx.LoadError, match="quantized/2"):
-        dmq_fx.load(newer, model)
+    older = tmp_path / "older.safetensors"  # format 1 held roundings unpacked
+    save_file(tensors, str(older), metadata={**metadata, "format": "dmq_fx.quantized/1"})
+    with pytest.raises(dmq_fx.LoadError, match="quantized/1"):
+        dmq_fx.load(older, model)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     with pytest.raises(dmq_fx.LoadError, match="corrupted"):
