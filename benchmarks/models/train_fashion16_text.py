@@ -12,19 +12,15 @@ trains. Writes benchmarks/models/fashion16_text/ and docs/fashion16_text_samples
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from diffusers.training_utils import EMAModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
+from training import save_trained, train_eps
 
 from dmq_fx.datasets import load_fashion_mnist
 from dmq_fx.reference_models import encode_prompts
@@ -98,57 +94,19 @@ def main() -> None:
     embeds = encode_prompts()
 
     unet = UNet2DConditionModel(**CONFIG)
-    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
-    scheduler = DDPMScheduler(**SCHEDULER)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
-    losses, start = [], time.time()
-    bar = tqdm(range(args.steps), desc="train fashion16-text")
-    for step in bar:
+
+    def draw_batch():
         idx = torch.from_numpy(rng.integers(0, len(data), args.batch))
-        x0, y = data[idx], labels[idx].clone()
+        y = labels[idx].clone()
         y[torch.from_numpy(rng.random(args.batch) < 0.1)] = EMPTY
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, SCHEDULER["num_train_timesteps"], (args.batch,))
-        pred = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=embeds[y]).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(unet.parameters())
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    ema.copy_to(unet.parameters())
-    unet.eval()
-    out = Path(args.out)
-    unet.save_pretrained(out)
-    DDPMScheduler(**SCHEDULER).save_config(out / "scheduler")
-    save_file({"prompt_embeds": embeds}, str(out / "prompt_embeds.safetensors"))
-    (out / "training.json").write_text(
-        json.dumps(
-            {
-                "command": " ".join([Path(sys.executable).name] + sys.argv),
-                "seed": args.seed,
-                "steps": args.steps,
-                "batch": args.batch,
-                "lr": args.lr,
-                "threads": args.threads,
-                "ema_decay": 0.999,
-                "torch": torch.__version__,
-                "parameters": sum(p.numel() for p in unet.parameters()),
-                "condition_dropout": 0.1,
-                "train_seconds": round(time.time() - start),
-                "loss_per_100_steps": [
-                    round(float(np.mean(losses[i : i + 100])), 5)
-                    for i in range(0, len(losses), 100)
-                ],
-            },
-            indent=1,
-        )
+        return data[idx], {"encoder_hidden_states": embeds[y]}
+
+    losses, seconds = train_eps(
+        unet, SCHEDULER, draw_batch, steps=args.steps, lr=args.lr, desc="train fashion16-text"
     )
+    out = Path(args.out)
+    save_trained(unet, out, SCHEDULER, args, losses, seconds, condition_dropout=0.1)
+    save_file({"prompt_embeds": embeds}, str(out / "prompt_embeds.safetensors"))
     Path(args.samples).parent.mkdir(parents=True, exist_ok=True)
     sample_grid(unet, embeds, Path(args.samples))
     print(f"saved {out} and {args.samples}")

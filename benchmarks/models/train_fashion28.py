@@ -11,18 +11,13 @@ the scheduler config, ``training.json`` (seed, steps, losses, the exact command)
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
+from diffusers import DDIMScheduler, UNet2DModel
 from PIL import Image
-from tqdm.auto import tqdm
+from training import save_trained, train_eps
 
 from dmq_fx.datasets import load_fashion_mnist
 
@@ -79,53 +74,15 @@ def main() -> None:
     data = torch.from_numpy(images).float().div(127.5).sub(1.0).unsqueeze(1)
 
     unet = UNet2DModel(**CONFIG)
-    ema = EMAModel(unet.parameters(), decay=0.999, use_ema_warmup=True, power=0.75)
-    scheduler = DDPMScheduler(**SCHEDULER)
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
-    losses, start = [], time.time()
-    bar = tqdm(range(args.steps), desc="train fashion28")
-    for step in bar:
-        idx = torch.from_numpy(rng.integers(0, len(data), args.batch))
-        x0 = data[idx]
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, SCHEDULER["num_train_timesteps"], (args.batch,))
-        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        ema.step(unet.parameters())
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-    ema.copy_to(unet.parameters())
-    unet.eval()
-    out = Path(args.out)
-    unet.save_pretrained(out)  # config.json + diffusion_pytorch_model.safetensors
-    DDPMScheduler(**SCHEDULER).save_config(out / "scheduler")
-    (out / "training.json").write_text(
-        json.dumps(
-            {
-                "command": " ".join([Path(sys.executable).name] + sys.argv),
-                "seed": args.seed,
-                "steps": args.steps,
-                "batch": args.batch,
-                "lr": args.lr,
-                "threads": args.threads,
-                "ema_decay": 0.999,
-                "torch": torch.__version__,
-                "parameters": sum(p.numel() for p in unet.parameters()),
-                "train_seconds": round(time.time() - start),
-                "loss_per_100_steps": [
-                    round(float(np.mean(losses[i : i + 100])), 5)
-                    for i in range(0, len(losses), 100)
-                ],
-            },
-            indent=1,
-        )
+
+    def draw_batch():
+        return data[torch.from_numpy(rng.integers(0, len(data), args.batch))], {}
+
+    losses, seconds = train_eps(
+        unet, SCHEDULER, draw_batch, steps=args.steps, lr=args.lr, desc="train fashion28"
     )
+    out = Path(args.out)
+    save_trained(unet, out, SCHEDULER, args, losses, seconds)
     Path(args.samples).parent.mkdir(parents=True, exist_ok=True)
     sample_grid(unet, Path(args.samples))
     print(f"saved {out} and {args.samples}")
