@@ -95,8 +95,10 @@ class GroupedWeightFakeQuantize(torch.nn.Module):
         setattr(self, f"rounding_shape_{group}", shape)
 
     def _quantize(self, group: int, fq: FakeQuantizeBase, part: torch.Tensor) -> torch.Tensor:
+        if not bool(fq.fake_quant_enabled[0]):  # float forward: no rounding to unpack
+            return fq(part)
         up = self.soft_rounding[group] if self.soft_rounding is not None else self.rounding(group)
-        if up is None or not bool(fq.fake_quant_enabled[0]):
+        if up is None:
             return fq(part)
         scale = _per_channel(fq.scale.detach().float(), part)
         zero_point = _per_channel(fq.zero_point.detach().float(), part)
