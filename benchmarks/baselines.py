@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 import dmq_fx
-from dmq_fx.qconfig import FLOAT_MODULE_NAME_REGEXES, FLOAT_MODULE_NAMES
+from dmq_fx.quantize.qconfig import FLOAT_MODULE_NAME_REGEXES, FLOAT_MODULE_NAMES
 
 
 def parse_bits(bits: str) -> tuple[int, int]:

@@ -28,7 +28,7 @@ import time
 import torch
 
 import dmq_fx
-from dmq_fx.unet_configs import DDPM_CIFAR10, SD15, build_unet, example_inputs
+from dmq_fx.graph.unet_configs import DDPM_CIFAR10, SD15, build_unet, example_inputs
 
 CONFIGS = {"ddpm-cifar10": DDPM_CIFAR10, "sd15": SD15}
 

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import profile
 
 import dmq_fx
-from dmq_fx.unet_configs import DDPM_CIFAR10, build_unet, example_inputs
+from dmq_fx.graph.unet_configs import DDPM_CIFAR10, build_unet, example_inputs
 
 GROUPS = {
     "conv": ("aten::mkldnn_convolution", "onednn::qconv_pointwise", "aten::convolution"),

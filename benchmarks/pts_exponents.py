@@ -20,11 +20,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from diffusers import DDIMScheduler  # noqa: E402
 from dmq_fx.passes import input_quantizer_name  # noqa: E402
+from dmq_fx_bench.reference_models import load_fashion28  # noqa: E402
 
 import dmq_fx  # noqa: E402
-from dmq_fx.annotate import quantized_layer_nodes  # noqa: E402
-from dmq_fx.calibration import collect_calibration_data  # noqa: E402
-from dmq_fx.reference_models import load_fashion28  # noqa: E402
+from dmq_fx.quantize.annotate import quantized_layer_nodes  # noqa: E402
+from dmq_fx.workflow.calibration_data import collect_calibration_data  # noqa: E402
 
 
 def main() -> None:

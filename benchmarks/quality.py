@@ -56,25 +56,29 @@ from baselines import parse_bits, torchao_fx_quantize
 from diffusers import DDIMScheduler
 from dmq_fx.observers import PowerOfTwoFakeQuantize
 from dmq_fx.passes import input_quantizer_name, skip_connection_layers
-
-import dmq_fx
-from dmq_fx.annotate import quantized_layer_nodes
-from dmq_fx.calibration import CalibrationData, collect_calibration_data, select_samples
-from dmq_fx.datasets import load_fashion_mnist
-from dmq_fx.evaluation import (
+from dmq_fx_bench.datasets import load_fashion_mnist
+from dmq_fx_bench.evaluation import (
     ClassifierFeatures,
     EfficientNetLite0Features,
     EpsSQNRProbe,
     frechet_distance,
     psnr_db,
 )
-from dmq_fx.pts import pts_quantizers
-from dmq_fx.reference_models import (
+from dmq_fx_bench.reference_models import (
     guided_eps,
     load_fashion16_text,
     load_fashion28,
     load_fashion_classifier,
     sample_ddim,
+)
+
+import dmq_fx
+from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.methods.pts import pts_quantizers
+from dmq_fx.workflow.calibration_data import (
+    CalibrationData,
+    collect_calibration_data,
+    select_samples,
 )
 
 STEPS = 20

@@ -14,8 +14,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-
-from dmq_fx.reference_models import (
+from dmq_fx_bench.reference_models import (
     load_fashion16_text,
     load_fashion28,
     load_fashion_classifier,

@@ -26,8 +26,8 @@ import torch
 from baselines import parse_bits, torchao_fx_quantize
 
 import dmq_fx
-from dmq_fx.quantized_modules import QuantizedLayer, cpu_has_int8_dot_product
-from dmq_fx.unet_configs import DDPM_CIFAR10, build_unet, example_inputs
+from dmq_fx.graph.unet_configs import DDPM_CIFAR10, build_unet, example_inputs
+from dmq_fx.lowering.quantized_modules import QuantizedLayer, cpu_has_int8_dot_product
 
 #: the DMQ graph's structure without the learning: SmoothQuant's closed-form tau stands in for
 #: learned LES (same lowering: per-channel quantize steps or norm folding), PTS voted on the skip
@@ -64,9 +64,8 @@ def pt2e_inductor_graph(model, calib):
     """torchao pt2e with dmq_fx's DMQQuantizer (W8A8), compiled by inductor with freezing:
     onednn int8 conv / linear kernels (needs torchao; compiles on the first call per shape)."""
     import torch._inductor.config as inductor_config
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
     from dmq_fx.pt2e import DMQQuantizer, export_unet
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     inductor_config.freezing = True  # constant-fold the quantized weights into prepacked ones
     prepared = prepare_pt2e(export_unet(model, *calib[0]), DMQQuantizer(8, 8))

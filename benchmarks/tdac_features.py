@@ -3,7 +3,8 @@
     python benchmarks/tdac_features.py [--model fashion28] [--n 64] [--radius 3.0 0.3]
 
 Samples ``--n`` trajectories of the 20-step DDIM sampler with the FP model, takes every step's
-mid-attention input (dmq_fx.calibration.step_features), prints quantiles of the mean squared
+mid-attention input (dmq_fx.workflow.calibration_data.step_features), prints quantiles of the mean
+squared
 distance between steps, and for each radius the density, diversity, weights and per-step counts
 of select_samples. The quality benchmark's TDAC_RADIUS comes from this.
 """
@@ -14,10 +15,10 @@ import argparse
 
 import torch
 from diffusers import DDIMScheduler
+from dmq_fx_bench.reference_models import load_fashion16_text, load_fashion28
 
-from dmq_fx.calibration import collect_calibration_data, step_features
-from dmq_fx.reference_models import load_fashion16_text, load_fashion28
-from dmq_fx.tdac import allocate_samples, tdac_weights
+from dmq_fx.methods.tdac import allocate_samples, tdac_weights
+from dmq_fx.workflow.calibration_data import collect_calibration_data, step_features
 
 
 def main() -> None:

@@ -4,11 +4,7 @@ The workflow mirrors torch.ao's: ``trace`` (optional), ``prepare_fx``, ``calibra
 ``convert_fx``, then ``summary`` to inspect the result.
 """
 
-from . import adaround, blocks, calibration, datasets, fbr, les, pts
-from .adaround import AdaRound
-from .calibrate import DEFAULT_STAGES, PREPARE_FLAGS, PRESETS, STAGES, calibrate
-from .convert import BACKENDS, convert_fx
-from .errors import (
+from dmq_fx.errors import (
     CalibrationError,
     ConfigError,
     ConvertError,
@@ -18,17 +14,22 @@ from .errors import (
     TimestepOutOfGridError,
     TraceError,
 )
-from .fbr import FBR
-from .les import LearnLES, SmoothQuantScales
-from .pipeline import QuantizationConfig, QuantizedUNet, quantize_pipeline
-from .prepare import prepare_fx
-from .qconfig import get_default_qconfig, get_default_qconfig_mapping
-from .report import QuantReport, report
-from .serialization import load, save
-from .summary import QuantSummary, summary
-from .tracing import trace
-
-__version__ = "0.1.0"
+from dmq_fx.graph import units as blocks
+from dmq_fx.graph.tracing import trace
+from dmq_fx.lowering.convert import BACKENDS, convert_fx
+from dmq_fx.methods import adaround, fbr, les, pts
+from dmq_fx.methods.adaround import AdaRound
+from dmq_fx.methods.fbr import FBR
+from dmq_fx.methods.les import LearnLES, SmoothQuantScales
+from dmq_fx.quantize.calibrate import DEFAULT_STAGES, PREPARE_FLAGS, PRESETS, STAGES, calibrate
+from dmq_fx.quantize.prepare import prepare_fx
+from dmq_fx.quantize.qconfig import get_default_qconfig, get_default_qconfig_mapping
+from dmq_fx.version import __version__  # noqa: F401  (dmq_fx.__version__)
+from dmq_fx.workflow import calibration_data as calibration
+from dmq_fx.workflow.pipeline import QuantizationConfig, QuantizedUNet, quantize_pipeline
+from dmq_fx.workflow.report import QuantReport, report
+from dmq_fx.workflow.serialization import load, save
+from dmq_fx.workflow.summary import QuantSummary, summary
 
 __all__ = [
     "AdaRound",
@@ -52,7 +53,6 @@ __all__ = [
     "blocks",
     "calibrate",
     "calibration",
-    "datasets",
     "fbr",
     "les",
     "pts",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 def _float_model(args):
     if args.reference:
-        from .reference_models import load_fashion16_text, load_fashion28
+        from dmq_fx_bench.reference_models import load_fashion16_text, load_fashion28
 
         if args.reference == "fashion28":
             unet, scheduler = load_fashion28()
@@ -30,8 +30,8 @@ def report_command(args) -> None:
     import torch
     from diffusers import DDIMScheduler
 
-    from . import load, report
-    from .calibration import CalibrationData, collect_calibration_data
+    from dmq_fx import load, report
+    from dmq_fx.workflow.calibration_data import CalibrationData, collect_calibration_data
 
     torch.set_num_threads(args.threads)
     unet, scheduler, conditioning = _float_model(args)

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler
 from diffusers.utils import make_image_grid
+from dmq_fx_bench.reference_models import load_fashion28
 
 import dmq_fx
-from dmq_fx.reference_models import load_fashion28
 
 
 def generate(pipe, n: int, steps: int):

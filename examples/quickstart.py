@@ -14,8 +14,8 @@ import time
 import torch
 
 import dmq_fx
-from dmq_fx.quantized_modules import cpu_has_int8_dot_product
-from dmq_fx.unet_configs import SMALL_DDPM, build_unet, example_inputs
+from dmq_fx.graph.unet_configs import SMALL_DDPM, build_unet, example_inputs
+from dmq_fx.lowering.quantized_modules import cpu_has_int8_dot_product
 
 
 def median_ms(fn, repeats: int = 7) -> float:

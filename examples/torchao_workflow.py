@@ -34,14 +34,14 @@ import torch
 from diffusers import DDIMScheduler
 from dmq_fx.observers import PowerOfTwoVotingObserver
 from dmq_fx.passes import rescale_for_les, skip_connection_layers
+from dmq_fx_bench.reference_models import load_fashion28
 from torch.ao.quantization import QConfig, QConfigMapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import dmq_fx
-from dmq_fx.calibration import collect_calibration_data
-from dmq_fx.les import learned_taus
-from dmq_fx.qconfig import FLOAT_MODULE_NAME_REGEXES, FLOAT_MODULE_NAMES
-from dmq_fx.reference_models import load_fashion28
+from dmq_fx.methods.les import learned_taus
+from dmq_fx.quantize.qconfig import FLOAT_MODULE_NAME_REGEXES, FLOAT_MODULE_NAMES
+from dmq_fx.workflow.calibration_data import collect_calibration_data
 
 
 def torchao_mapping(graph: torch.fx.GraphModule, bits: int = 8) -> QConfigMapping:

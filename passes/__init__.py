@@ -2,9 +2,12 @@
 
 Each pass is a function ``GraphModule -> GraphModule``. ``insert_quantizers`` and
 ``insert_les_scales`` read the ``node.meta["dmq_fx"]`` annotations written by
-:func:`dmq_fx.annotate.annotate_quantization`; ``rescale_for_les`` works on any float graph (for
+:func:`dmq_fx.quantize.annotate.annotate_quantization`; ``rescale_for_les`` works on any float
+graph (for
 torch.ao's own prepare_fx / convert_fx).
 """
+
+from dmq_fx.graph.skip_connections import skip_concatenations, skip_connection_layers
 
 from .insert_les_scales import (
     LESScale,
@@ -22,7 +25,6 @@ from .insert_quantizers import (
     weight_quantizer,
 )
 from .rescale_for_les import rescale_for_les
-from .skip_connections import skip_concatenations, skip_connection_layers
 
 __all__ = [
     "GroupedWeightFakeQuantize",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from dmq_fx.annotate import LayerQuantSpec, quantized_layer_nodes
+from dmq_fx.graph.meta import LayerQuantSpec, quantized_layer_nodes
 
 from .insert_quantizers import input_quantizer_name
 
@@ -86,7 +86,8 @@ def les_units(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
 def insert_les_scales(gm: fx.GraphModule) -> fx.GraphModule:
     """Insert an LES division before the input quantizers of every layer annotated for LES.
 
-    Matches: ``call_module`` layer nodes whose :class:`~dmq_fx.annotate.LayerQuantSpec` has a
+    Matches: ``call_module`` layer nodes whose :class:`~dmq_fx.quantize.annotate.LayerQuantSpec`
+    has a
     ``les_owner`` (run after :func:`insert_quantizers`). Layers reading the same tensor (q, k and
     v of an attention) form one unit with one ``tau`` owned by the first of them.
     Rewrites: ``layer_input_quant(x)`` into ``layer_input_quant(owner_les(x))``, one

@@ -12,8 +12,9 @@ from torch import fx
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.nn.utils import parametrize
 
-from dmq_fx.annotate import LayerQuantSpec, make_fake_quantize, quantized_layer_nodes
-from dmq_fx.bitpacking import pack_bits, unpack_bits
+from dmq_fx.graph.meta import LayerQuantSpec, quantized_layer_nodes
+from dmq_fx.quantize.annotate import make_fake_quantize
+from dmq_fx.quantize.bitpacking import pack_bits, unpack_bits
 
 __all__ = [
     "GroupedWeightFakeQuantize",
@@ -162,7 +163,7 @@ def input_quantizer_name(layer_target: str, group: int, num_groups: int) -> str:
 def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     """Insert the fake quantizers that the annotations of ``gm`` ask for.
 
-    Matches: ``call_module`` nodes carrying a :class:`~dmq_fx.annotate.LayerQuantSpec`.
+    Matches: ``call_module`` nodes carrying a :class:`~dmq_fx.quantize.annotate.LayerQuantSpec`.
     Rewrites: ``y = layer(x)`` into ``y = layer(layer_input_quant(x))``, with a torch.ao
     ``FakeQuantize`` module registered beside the layer (``<layer>_input_quant``), and the layer's
     weight parametrized by a :class:`GroupedWeightFakeQuantize`. For a split layer fed by

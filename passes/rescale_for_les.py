@@ -26,7 +26,7 @@ def rescale_for_les(gm: fx.GraphModule, taus: Mapping[str, torch.Tensor]) -> fx.
     """Apply Learned Equivalent Scaling vectors to a float graph, with no dmq_fx module left.
 
     Matches: ``call_module`` nodes of ``nn.Conv2d`` / ``nn.Linear`` whose target is a key of
-    ``taus`` (one entry per input channel, e.g. from :func:`dmq_fx.les.learned_taus`).
+    ``taus`` (one entry per input channel, e.g. from :func:`dmq_fx.methods.les.learned_taus`).
     Rewrites: ``y = layer(x)`` into ``y = layer(x * inv_tau)`` with ``inv_tau = 1 / tau`` a
     buffer ``<layer>_les_inv_tau`` (shaped for the channel axis: 1 for convs, last for linears)
     and the layer's weight multiplied by ``tau`` along its input channels, in ``gm``'s own copy

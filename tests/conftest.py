@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dmq_fx
-from dmq_fx.unet_configs import (
+from dmq_fx.graph.unet_configs import (
     TINY_CLASS_CONDITIONAL,
     TINY_DDPM,
     TINY_SD,

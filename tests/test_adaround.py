@@ -6,12 +6,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dmq_fx
-from dmq_fx.adaround import AdaRound, _initial_v, rectified_sigmoid
-from dmq_fx.annotate import quantized_layer_nodes
-from dmq_fx.blocks import capture_unit_inputs, reconstruction_units, unit_graph
-from dmq_fx.calibrate import input_quantizers, weight_quantizers
-from dmq_fx.quantized_modules import QuantizedLayer
-from dmq_fx.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.graph.units import capture_unit_inputs, reconstruction_units, unit_graph
+from dmq_fx.lowering.quantized_modules import QuantizedLayer
+from dmq_fx.methods.adaround import AdaRound, _initial_v, rectified_sigmoid
+from dmq_fx.quantize.calibrate import input_quantizers, weight_quantizers
 
 
 def _observed(config, wb=4, ab=8, les=False):

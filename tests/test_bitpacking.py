@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dmq_fx.bitpacking import pack_bits, unpack_bits
+from dmq_fx.quantize.bitpacking import pack_bits, unpack_bits
 
 shapes = st.lists(st.integers(1, 9), min_size=1, max_size=4)
 

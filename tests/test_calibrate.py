@@ -5,7 +5,7 @@ from conftest import calibration_data
 from dmq_fx.passes import weight_quantizer
 
 import dmq_fx
-from dmq_fx.unet_configs import TINY_DDPM, build_unet, example_inputs
+from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet, example_inputs
 
 
 class TwoLinear(torch.nn.Module):

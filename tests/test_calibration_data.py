@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from dmq_fx_bench.datasets import load_fashion_mnist
 
 import dmq_fx
-from dmq_fx.calibration import CalibrationData, collect_calibration_data
-from dmq_fx.datasets import load_fashion_mnist
-from dmq_fx.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.workflow.calibration_data import CalibrationData, collect_calibration_data
 
 STEPS, PER_STEP = 5, 6
 

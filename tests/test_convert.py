@@ -5,13 +5,13 @@ import torch
 from conftest import prepared_and_calibrated, state_snapshot
 
 import dmq_fx
-from dmq_fx.quantized_modules import (
+from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.lowering.quantized_modules import (
     QuantizedLayer,
     cpu_has_int8_dot_product,
     int16_pair_bound,
     quantize_uint8,
 )
-from dmq_fx.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
 
 qd = torch.ops.quantized_decomposed
 BITS = [(8, 8), (4, 8), (4, 6)]

@@ -10,8 +10,8 @@ from conftest import calibration_data
 from safetensors.torch import load_file, save_file
 
 import dmq_fx
-from dmq_fx.serialization import learned_state
-from dmq_fx.unet_configs import TINY_DDPM, build_unet, example_inputs
+from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet, example_inputs
+from dmq_fx.workflow.serialization import learned_state
 
 
 def _stages():
@@ -67,7 +67,7 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     model = build_unet(TINY_DDPM)
     model_single, single = _calibrated(calibration_data(model, n=4))
     _, dist_graph = _prepared()  # the same graph with the ranks' calibrated state
-    dmq_fx.serialization.assign_state(dist_graph, rank0)
+    dmq_fx.workflow.serialization.assign_state(dist_graph, rank0)
     a, k = example_inputs(model, batch=4, seed=42)
     with torch.no_grad():
         fp = model_single(*a, **k).sample

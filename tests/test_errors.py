@@ -8,8 +8,8 @@ from diffusers import DDIMScheduler
 
 import dmq_fx
 from dmq_fx import errors
-from dmq_fx.calibration import collect_calibration_data
-from dmq_fx.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.workflow.calibration_data import collect_calibration_data
 
 
 class Gate(torch.nn.Module):

@@ -4,16 +4,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import DDPMScheduler
-
-from dmq_fx.datasets import load_fashion_mnist
-from dmq_fx.evaluation import (
+from dmq_fx_bench.datasets import load_fashion_mnist
+from dmq_fx_bench.evaluation import (
     EfficientNetLite0Features,
     EpsSQNRProbe,
     frechet_distance,
     psnr_db,
     sqnr_db,
 )
-from dmq_fx.reference_models import sample_ddim
+from dmq_fx_bench.reference_models import sample_ddim
 
 
 class _Flatten(torch.nn.Module):

@@ -6,11 +6,12 @@ from dmq_fx.passes import input_quantizer_name, weight_quantizer
 from test_adaround import _observed
 
 import dmq_fx
-from dmq_fx.annotate import make_fake_quantize, quantized_layer_nodes
-from dmq_fx.blocks import capture_unit_inputs, reconstruction_units, unit_graph
-from dmq_fx.calibrate import input_quantizers, weight_quantizers
-from dmq_fx.fbr import FBR, LearnedStepFakeQuantize, fbr_loss, mix_inputs
-from dmq_fx.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.graph.units import capture_unit_inputs, reconstruction_units, unit_graph
+from dmq_fx.methods.fbr import FBR, LearnedStepFakeQuantize, fbr_loss, mix_inputs
+from dmq_fx.quantize.annotate import make_fake_quantize
+from dmq_fx.quantize.calibrate import input_quantizers, weight_quantizers
 
 
 def test_fbr_loss_by_hand():

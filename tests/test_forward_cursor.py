@@ -6,12 +6,12 @@ import torch
 from conftest import calibration_data
 
 import dmq_fx
-from dmq_fx.adaround import AdaRound
 from dmq_fx.errors import ConfigError
-from dmq_fx.fbr import FBR
-from dmq_fx.les import LearnLES, les_units
-from dmq_fx.serialization import learned_state
-from dmq_fx.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.methods.adaround import AdaRound
+from dmq_fx.methods.fbr import FBR
+from dmq_fx.methods.les import LearnLES, les_units
+from dmq_fx.workflow.serialization import learned_state
 
 
 def _calibrate(model, capture: str, data, calls: dict):

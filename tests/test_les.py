@@ -8,9 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dmq_fx
-from dmq_fx.calibrate import input_quantizers, weight_quantizers
-from dmq_fx.les import LearnLES, SmoothQuantScales, adaptive_timestep_weights, batch_timesteps
-from dmq_fx.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.methods.les import (
+    LearnLES,
+    SmoothQuantScales,
+    adaptive_timestep_weights,
+    batch_timesteps,
+)
+from dmq_fx.quantize.calibrate import input_quantizers, weight_quantizers
 
 
 class _NormConv(torch.nn.Module):

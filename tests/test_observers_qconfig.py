@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 from torch.ao.quantization.observer import MovingAverageMinMaxObserver
 
 import dmq_fx
-from dmq_fx.qconfig import activation_observer, weight_observer
+from dmq_fx.quantize.qconfig import activation_observer, weight_observer
 
 
 def lp_error(w, scale, zp, qmin, qmax, p=2.4):

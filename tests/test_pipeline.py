@@ -8,8 +8,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, StableDiffusio
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import dmq_fx
-from dmq_fx.quantized_modules import QuantizedLayer
-from dmq_fx.unet_configs import TINY_DDPM, TINY_SD, build_unet
+from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet
+from dmq_fx.lowering.quantized_modules import QuantizedLayer
 
 FAST = {"num_inference_steps": 4, "samples_per_step": 4, "batch_size": 8}
 

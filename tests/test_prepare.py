@@ -6,8 +6,8 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
 import dmq_fx
-from dmq_fx.annotate import quantized_layer_nodes
-from dmq_fx.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
 
 
 def layer_names(model, types=(torch.nn.Conv2d, torch.nn.Linear)):

@@ -5,8 +5,8 @@ from dmq_fx.observers import PowerOfTwoFakeQuantize, PowerOfTwoVotingObserver, c
 from dmq_fx.passes import skip_concatenations, skip_connection_layers
 
 import dmq_fx
-from dmq_fx.pts import pts_quantizers
-from dmq_fx.unet_configs import DDPM_CIFAR10, TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.graph.unet_configs import DDPM_CIFAR10, TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.methods.pts import pts_quantizers
 
 STEP = 0.01  # the per-tensor step of the constructed data: range [0, 2.55] at 8 bits
 

@@ -1,6 +1,5 @@
 import torch
-
-from dmq_fx.reference_models import load_fashion28, load_fashion_classifier, sample_ddim
+from dmq_fx_bench.reference_models import load_fashion28, load_fashion_classifier, sample_ddim
 
 
 def test_fashion28_generates_recognisable_fashion_mnist():

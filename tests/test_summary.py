@@ -1,9 +1,9 @@
 from conftest import prepared_and_calibrated
 
 import dmq_fx
-from dmq_fx.annotate import quantized_layer_nodes
-from dmq_fx.summary import COLUMNS
-from dmq_fx.unet_configs import TINY_DDPM, build_unet, example_inputs
+from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet, example_inputs
+from dmq_fx.workflow.summary import COLUMNS
 
 
 def test_summary_rows_follow_the_graph_state():

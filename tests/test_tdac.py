@@ -5,16 +5,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dmq_fx
-from dmq_fx.blocks import capture_unit_inputs
-from dmq_fx.calibration import select_samples
-from dmq_fx.tdac import allocate_samples, mid_attention_input, tdac_weights
-from dmq_fx.unet_configs import (
+from dmq_fx.graph.unet_configs import (
     TINY_CLASS_CONDITIONAL,
     TINY_DDPM,
     TINY_SD,
     build_unet,
     example_inputs,
 )
+from dmq_fx.graph.units import capture_unit_inputs
+from dmq_fx.methods.tdac import allocate_samples, mid_attention_input, tdac_weights
+from dmq_fx.workflow.calibration_data import select_samples
 
 
 def ddim():
@@ -103,7 +103,7 @@ def test_selection_picks_n_samples_from_distinct_trajectories():
     every = select_samples(model, ddim(), 12, radius=0.5, seed=1, min_per_step=2, **kw)
     assert torch.bincount(every.step_index, minlength=5).min() >= 2
     # each selected row is the trajectory's x_t at that step: rerunning the sampler gives it
-    pool = dmq_fx.calibration.collect_calibration_data(
+    pool = dmq_fx.workflow.calibration_data.collect_calibration_data(
         model, ddim(), samples_per_step=12, independent_trajectories=False, seed=1, **kw
     )
     for i in range(len(data)):

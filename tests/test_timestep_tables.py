@@ -5,8 +5,8 @@ from torch.ao.quantization.fake_quantize import FakeQuantize
 from torch.ao.quantization.observer import MinMaxObserver
 
 import dmq_fx
-from dmq_fx.calibrate import input_quantizers
-from dmq_fx.unet_configs import TINY_DDPM, build_unet, example_inputs
+from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet, example_inputs
+from dmq_fx.quantize.calibrate import input_quantizers
 
 GRID = [100, 500, 900]
 

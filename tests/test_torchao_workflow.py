@@ -11,10 +11,10 @@ from torch.ao.quantization import QConfig, QConfigMapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import dmq_fx
-from dmq_fx.les import learned_taus
-from dmq_fx.qconfig import activation_observer
-from dmq_fx.quantized_modules import QuantizedLayer
-from dmq_fx.unet_configs import TINY_DDPM, build_unet, example_inputs
+from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet, example_inputs
+from dmq_fx.lowering.quantized_modules import QuantizedLayer
+from dmq_fx.methods.les import learned_taus
+from dmq_fx.quantize.qconfig import activation_observer
 
 _spec = importlib.util.spec_from_file_location(
     "torchao_workflow", Path(__file__).parents[1] / "examples" / "torchao_workflow.py"

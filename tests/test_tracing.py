@@ -4,7 +4,7 @@ from conftest import assert_unchanged, state_snapshot
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 import dmq_fx
-from dmq_fx.unet_configs import (
+from dmq_fx.graph.unet_configs import (
     DDPM_CIFAR10,
     SD15,
     TINY_DDPM,
@@ -215,7 +215,7 @@ def test_traced_graph_retraces_with_torch_ao_prepare_fx():
     from torch.ao.quantization import QConfigMapping, get_default_qconfig
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    from dmq_fx import graph_ops
+    from dmq_fx.graph import graph_ops
 
     model = build_unet(TINY_DDPM)
     gm = dmq_fx.trace(model, (torch.randn(2, 3, 16, 16), torch.tensor([3, 4])))

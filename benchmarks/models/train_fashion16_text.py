@@ -18,12 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DConditionModel
+from dmq_fx_bench.datasets import load_fashion_mnist
+from dmq_fx_bench.reference_models import encode_prompts
 from PIL import Image
 from safetensors.torch import save_file
 from training import save_trained, train_eps
-
-from dmq_fx.datasets import load_fashion_mnist
-from dmq_fx.reference_models import encode_prompts
 
 CONFIG = dict(
     sample_size=16,

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
+from dmq_fx_bench.datasets import load_fashion_mnist
 from PIL import Image
 from training import save_trained, train_eps
-
-from dmq_fx.datasets import load_fashion_mnist
 
 CONFIG = dict(
     sample_size=28,

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from dmq_fx_bench.datasets import load_fashion_mnist
+from dmq_fx_bench.reference_models import FashionClassifier
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
-
-from dmq_fx.datasets import load_fashion_mnist
-from dmq_fx.reference_models import FashionClassifier
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:

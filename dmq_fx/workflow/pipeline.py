@@ -16,12 +16,16 @@ from typing import Any
 import torch
 from torch import fx
 
-from .calibrate import PREPARE_FLAGS, PRESETS, calibrate
-from .calibration import CalibrationData, collect_calibration_data, select_samples
-from .convert import BACKENDS, convert_fx
-from .errors import ConfigError
-from .prepare import prepare_fx
-from .qconfig import check_bits, get_default_qconfig_mapping
+from dmq_fx.errors import ConfigError
+from dmq_fx.lowering.convert import BACKENDS, convert_fx
+from dmq_fx.quantize.calibrate import PREPARE_FLAGS, PRESETS, calibrate
+from dmq_fx.quantize.prepare import prepare_fx
+from dmq_fx.quantize.qconfig import check_bits, get_default_qconfig_mapping
+from dmq_fx.workflow.calibration_data import (
+    CalibrationData,
+    collect_calibration_data,
+    select_samples,
+)
 
 __all__ = ["QuantizationConfig", "QuantizedUNet", "quantize_pipeline"]
 
@@ -176,7 +180,8 @@ def quantize_pipeline(
             conditioning to sample it with: ``{"prompts": [...], "negative_prompt": ...,
             "guidance_scale": 7.5}`` (encoded by the pipeline's ``encode_prompt``), or
             ``prompt_embeds`` / ``negative_prompt_embeds`` / ``guidance_scale`` /
-            ``num_class_labels`` as for :func:`~dmq_fx.calibration.collect_calibration_data`.
+            ``num_class_labels`` as for
+            :func:`~dmq_fx.calibration.collect_calibration_data`.
             None: unconditional sampling with the pipeline's scheduler.
 
     Returns a new pipeline of ``pipe``'s class sharing its other components, with ``unet`` a

@@ -20,7 +20,7 @@ from diffusers import DDIMScheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .errors import CalibrationError, ConfigError
+from dmq_fx.errors import CalibrationError, ConfigError
 
 __all__ = ["CalibrationData", "collect_calibration_data", "select_samples", "step_features"]
 
@@ -225,11 +225,11 @@ def step_features(
     """TDAC's per-step features of ``pool`` (every step of the same trajectories, as
     ``collect_calibration_data(..., independent_trajectories=False)`` records them): per step,
     its row indices ordered by trajectory (unconditional half first) and the input of the
-    UNet's middle attention block (:func:`dmq_fx.tdac.mid_attention_input`) over the first
+    UNet's middle attention block (:func:`dmq_fx.methods.tdac.mid_attention_input`) over the first
     ``feature_samples`` trajectories."""
-    from .blocks import capture_unit_inputs
-    from .tdac import mid_attention_input
-    from .tracing import trace
+    from dmq_fx.graph.tracing import trace
+    from dmq_fx.graph.units import capture_unit_inputs
+    from dmq_fx.methods.tdac import mid_attention_input
 
     if pool.trajectory is None:
         raise CalibrationError("step_features needs data recorded with trajectory ids")
@@ -273,16 +273,16 @@ def select_samples(
     The float UNet generates ``n`` trajectories with the sampler
     (:func:`collect_calibration_data` with ``independent_trajectories=False``; guidance,
     prompts, eta as there, through ``sampler_kwargs``). At every step the input of the UNet's
-    middle attention block (:func:`dmq_fx.tdac.mid_attention_input`, found on the traced
+    middle attention block (:func:`dmq_fx.methods.tdac.mid_attention_input`, found on the traced
     graph) over the first ``feature_samples`` trajectories is that step's feature; step ``k``
-    gets ``w_k = D̂_k + lam * V̂_k`` (:func:`dmq_fx.tdac.tdac_weights`, ``radius`` the density
+    gets ``w_k = D̂_k + lam * V̂_k`` (:func:`dmq_fx.methods.tdac.tdac_weights`, ``radius`` the density
     radius: 3.0 for pixel-space models, 0.3 for latent ones in EDA-DM) and receives
-    :func:`dmq_fx.tdac.allocate_samples` of the ``n`` samples (at least ``min_per_step``:
+    :func:`dmq_fx.methods.tdac.allocate_samples` of the ``n`` samples (at least ``min_per_step``:
     DMQ's per-step stages need every step), each from a different trajectory (a seeded
     permutation). Under guidance a sample is both halves. Returns the selected rows, noisiest
     step first.
     """
-    from .tdac import allocate_samples, tdac_weights
+    from dmq_fx.methods.tdac import allocate_samples, tdac_weights
 
     if n < 1:
         raise ConfigError(f"select_samples: n must be >= 1, got {n}")

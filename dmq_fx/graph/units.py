@@ -24,11 +24,11 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from torch import fx
 
-from .annotate import quantized_layer_nodes
-from .errors import CalibrationError
+from dmq_fx.errors import CalibrationError
+from dmq_fx.graph.meta import quantized_layer_nodes
 
 if TYPE_CHECKING:
-    from .calibrate import Batch
+    from dmq_fx.quantize.calibrate import Batch
 
 __all__ = [
     "BLOCK_TYPES",

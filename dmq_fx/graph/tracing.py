@@ -27,9 +27,9 @@ from torch.fx import _symbolic_trace
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from . import graph_ops
-from .errors import InputMismatchError, TraceError
-from .model_identity import model_config, weights_fingerprint
+from dmq_fx.errors import InputMismatchError, TraceError
+from dmq_fx.graph import graph_ops
+from dmq_fx.graph.model_identity import model_config, weights_fingerprint
 
 __all__ = ["ValueTracer", "trace", "TIMESTEP_ARG_NAMES"]
 

@@ -20,8 +20,8 @@ import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 import torch.nn.functional as F
 
-from .errors import TimestepOutOfGridError
-from .observers import nearest_grid_index
+from dmq_fx.errors import TimestepOutOfGridError
+from dmq_fx.observers import nearest_grid_index
 
 __all__ = [
     "QuantizedLayer",

@@ -22,8 +22,8 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from . import distributed
-from .blocks import (
+from dmq_fx.errors import ConfigError
+from dmq_fx.graph.units import (
     BLOCK_TYPES,
     CAPTURE_MODES,
     ForwardCursor,
@@ -31,10 +31,17 @@ from .blocks import (
     reconstruction_units,
     unit_graph,
 )
-from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
-from .checkpoint import unit_progress
-from .errors import ConfigError
-from .passes import weight_before_quantization, weight_quantizer
+from dmq_fx.passes import weight_before_quantization, weight_quantizer
+from dmq_fx.quantize import distributed
+from dmq_fx.quantize.calibrate import (
+    PREPARE_FLAGS,
+    PRESETS,
+    STAGES,
+    Batch,
+    input_quantizers,
+    weight_quantizers,
+)
+from dmq_fx.quantize.checkpoint import unit_progress
 
 __all__ = [
     "AdaRound",

@@ -35,13 +35,13 @@ try:
 except ImportError as e:  # pragma: no cover - exercised where torchao is missing
     raise ImportError("dmq_fx.pt2e needs torchao: pip install --no-deps torchao==0.18.0") from e
 
-from .annotate import quantized_layer_nodes
-from .convert import _integer_weights
-from .errors import ConfigError
-from .observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
-from .passes import input_quantizer_name
-from .passes import weight_quantizer as weight_quantizer_of
-from .qconfig import FLOAT_MODULE_NAME_REGEXES, FLOAT_MODULE_NAMES, check_bits
+from dmq_fx.errors import ConfigError
+from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.lowering.convert import _integer_weights
+from dmq_fx.observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
+from dmq_fx.passes import input_quantizer_name
+from dmq_fx.passes import weight_quantizer as weight_quantizer_of
+from dmq_fx.quantize.qconfig import FLOAT_MODULE_NAME_REGEXES, FLOAT_MODULE_NAMES, check_bits
 
 __all__ = ["DMQQuantizer", "export_unet", "prepare_float_model"]
 
@@ -233,7 +233,7 @@ def prepare_float_model(
             target.weight.copy_(deq)
         owner = node.meta["dmq_fx"].les_owner
         if owner is not None:
-            from .passes import les_scale_name
+            from dmq_fx.passes import les_scale_name
 
             tau = calibrated.get_submodule(les_scale_name(owner)).tau.detach().clone()
             axis = 1 if isinstance(target, torch.nn.Conv2d) else -1

@@ -5,7 +5,7 @@ for a fixed set of trajectories, :func:`mid_attention_input`). :func:`tdac_weigh
 steps by density (how many other steps lie within ``radius`` in mean squared distance) and
 diversity (summed channel-cosine distance to every other step), both min-max normalised, and
 :func:`allocate_samples` turns the weights into per-step sample counts that sum to exactly N.
-:func:`dmq_fx.calibration.select_samples` runs the whole selection on a sampler.
+:func:`dmq_fx.workflow.calibration_data.select_samples` runs the whole selection on a sampler.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from .errors import ConfigError
+from dmq_fx.errors import ConfigError
 
 __all__ = ["TDACWeights", "allocate_samples", "mid_attention_input", "tdac_weights"]
 

@@ -11,7 +11,8 @@ transformer blocks, lone layers on their own), with the units before it already 
 - the loss is :func:`fbr_loss`: the output error plus ``layer_weight`` (lambda_m, 0.8) times
   the sum of those layers' output errors, with each error BRECQ's squared error summed over
   channels and averaged over the rest;
-- it learns the weights' AdaRound rounding (:class:`dmq_fx.adaround.RoundingVariables`) and the
+- it learns the weights' AdaRound rounding (:class:`dmq_fx.methods.adaround.RoundingVariables`) and
+the
   activation steps of the unit's input quantizers (LSQ: the step is a parameter of torch's
   learnable fake quantization; a PTS quantizer learns its per-tensor step ``s`` with its
   power-of-two channel factors fixed), with Adam and cosine decay, zero points fixed.
@@ -31,20 +32,23 @@ import torch
 from torch import fx
 from torch.ao.quantization.fake_quantize import FakeQuantize
 
-from . import distributed
-from .adaround import (
+from dmq_fx.errors import ConfigError
+from dmq_fx.graph.units import (
+    ReconstructionUnit,
+    capture_unit_inputs,
+    unit_graph,
+)
+from dmq_fx.methods.adaround import (
     BlockReconstructionOptions,
     RoundingVariables,
     _output_loss,
     require_weight_qparams,
     unit_outputs,
 )
-from .blocks import (
-    ReconstructionUnit,
-    capture_unit_inputs,
-    unit_graph,
-)
-from .calibrate import (
+from dmq_fx.methods.pts import DMQ_PREPARE_FLAGS
+from dmq_fx.observers import PowerOfTwoFakeQuantize
+from dmq_fx.quantize import distributed
+from dmq_fx.quantize.calibrate import (
     PREPARE_FLAGS,
     PRESETS,
     STAGES,
@@ -54,9 +58,6 @@ from .calibrate import (
     layer_input_quantizer_names,
     layer_quantizers,
 )
-from .errors import ConfigError
-from .observers import PowerOfTwoFakeQuantize
-from .pts import DMQ_PREPARE_FLAGS
 
 __all__ = ["FBR", "LearnedStepFakeQuantize", "fbr_loss", "mix_inputs"]
 

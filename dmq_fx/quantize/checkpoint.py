@@ -1,7 +1,8 @@
 """Resumable calibration: ``calibrate(..., checkpoint_dir=...)``.
 
 What a calibration has learned goes to ``checkpoint_dir`` as it goes: after every finished
-stage the whole learned state (:func:`dmq_fx.serialization.learned_state`), after every finished
+stage the whole learned state (:func:`dmq_fx.workflow.serialization.learned_state`), after every
+finished
 unit of a unit-wise stage (``learn_les``, ``adaround``, ``fbr``: one layer or block at a time)
 that unit's quantizer and LES tensors. Each file is written to a temporary name and renamed, so
 an interruption at any moment (KeyboardInterrupt, a killed process) leaves only complete files;
@@ -25,8 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import fx
 
-from .errors import CalibrationError
-from .serialization import assign_state, learned_state
+from dmq_fx.errors import CalibrationError
+from dmq_fx.workflow.serialization import assign_state, learned_state
 
 __all__ = ["CalibrationCheckpoint", "UnitProgress", "unit_progress"]
 
@@ -63,7 +64,7 @@ def _data_digest(stage_names: Sequence[str], batches: Sequence) -> str:
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write to a temporary name, then rename; with torch.distributed rank 0 writes and the
     others wait for it."""
-    from . import distributed
+    from dmq_fx.quantize import distributed
 
     if distributed.is_writer():
         tmp = path.with_name(path.name + ".tmp")
@@ -142,7 +143,7 @@ class CalibrationCheckpoint:
     def stage_done(self, stage: int, gm: fx.GraphModule) -> None:
         self._write(self.folder / f"stage_{stage}.safetensors", learned_state(gm), gm)
         self._set_progress(stage + 1, 0)
-        from . import distributed
+        from dmq_fx.quantize import distributed
 
         if distributed.is_writer():
             for path in self.folder.glob(f"stage_{stage}_unit_*.safetensors"):
@@ -154,6 +155,6 @@ class CalibrationCheckpoint:
 
 
 def _layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    from .annotate import quantized_layer_nodes
+    from dmq_fx.graph.meta import quantized_layer_nodes
 
     return quantized_layer_nodes(gm)

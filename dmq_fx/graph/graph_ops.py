@@ -15,7 +15,7 @@ import torch
 from torch.fx.node import has_side_effect
 from torch.overrides import handle_torch_function, has_torch_function
 
-from .errors import InputMismatchError
+from dmq_fx.errors import InputMismatchError
 
 
 def normalize_timestep(timestep: Any, sample: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import fx
 from tqdm.auto import tqdm
 
-from . import distributed
-from .annotate import LayerQuantSpec
-from .blocks import (
+from dmq_fx.errors import CalibrationError, ConfigError
+from dmq_fx.graph.meta import LayerQuantSpec
+from dmq_fx.graph.units import (
     CAPTURE_MODES,
     ForwardCursor,
     ReconstructionUnit,
@@ -32,16 +32,23 @@ from .blocks import (
     inserted_inputs,
     unit_graph,
 )
-from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
-from .checkpoint import unit_progress
-from .errors import CalibrationError, ConfigError
-from .passes import (
+from dmq_fx.passes import (
     LESScale,
     input_quantizer_name,
     les_scale_name,
     les_units,
     weight_quantizer,
 )
+from dmq_fx.quantize import distributed
+from dmq_fx.quantize.calibrate import (
+    PREPARE_FLAGS,
+    PRESETS,
+    STAGES,
+    Batch,
+    input_quantizers,
+    weight_quantizers,
+)
+from dmq_fx.quantize.checkpoint import unit_progress
 
 __all__ = [
     "LearnLES",
@@ -266,7 +273,7 @@ class LearnLES:
 
     The defaults are the CPU budget (300 iterations at lr 1e-2); :meth:`paper` gives DMQ's
     (6000 iterations at lr 1e-3, batch 32). ``capture="cursor"`` takes each unit's inputs from
-    one forward per batch paused in front of the unit (:class:`~dmq_fx.blocks.ForwardCursor`):
+    one forward per batch paused in front of the unit (:class:`~dmq_fx.graph.units.ForwardCursor`):
     the same tau, without a forward per unit, for more memory.
     """
 

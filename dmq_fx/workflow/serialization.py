@@ -25,11 +25,11 @@ from torch import fx
 from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-from .annotate import quantized_layer_nodes
-from .errors import ConfigError, LoadError
-from .model_identity import model_config, weights_fingerprint
-from .observers import TimestepTableFakeQuantize
-from .passes import GroupedWeightFakeQuantize, LESScale
+from dmq_fx.errors import ConfigError, LoadError
+from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.graph.model_identity import model_config, weights_fingerprint
+from dmq_fx.observers import TimestepTableFakeQuantize
+from dmq_fx.passes import GroupedWeightFakeQuantize, LESScale
 
 __all__ = ["FORMAT", "calibrated_graph", "learned_state", "load", "save"]
 
@@ -93,7 +93,7 @@ def save(graph: fx.GraphModule, path: str | Path) -> None:
         )
     import diffusers
 
-    from . import __version__
+    from dmq_fx.version import __version__
 
     config = {
         "format": FORMAT,
@@ -206,7 +206,7 @@ def load(
     file of another format or version, a corrupted file, or a ``float_model`` of another class,
     config or weights. ``float_model`` is not modified.
     """
-    from .convert import convert_fx
+    from dmq_fx.lowering.convert import convert_fx
 
     config, tensors = _read(path)
     prepared = _rebuild(config, tensors, float_model, qconfig_mapping, str(path))
@@ -246,9 +246,9 @@ def _rebuild(
     path: str,
 ) -> fx.GraphModule:
     """The calibrated graph described by ``config`` and ``tensors``, on ``float_model``."""
-    from .calibrate import _enable_simulation
-    from .prepare import prepare_fx
-    from .qconfig import get_default_qconfig
+    from dmq_fx.quantize.calibrate import _enable_simulation
+    from dmq_fx.quantize.prepare import prepare_fx
+    from dmq_fx.quantize.qconfig import get_default_qconfig
 
     model_class = f"{type(float_model).__module__}.{type(float_model).__qualname__}"
     if model_class != config["model_class"]:

@@ -10,10 +10,10 @@ import torch
 from torch import fx
 from torch.ao.quantization import QConfigMapping
 
-from .annotate import annotate_quantization
-from .errors import ConfigError
-from .passes import insert_les_scales, insert_quantizers
-from .tracing import trace
+from dmq_fx.errors import ConfigError
+from dmq_fx.graph.tracing import trace
+from dmq_fx.passes import insert_les_scales, insert_quantizers
+from dmq_fx.quantize.annotate import annotate_quantization
 
 __all__ = ["prepare_fx"]
 

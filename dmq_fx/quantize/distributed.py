@@ -74,8 +74,8 @@ def sync_activation_ranges(quantizers: Iterable) -> None:
     from the combined range."""
     if not active():
         return
-    from .errors import ConfigError
-    from .observers import TimestepTableFakeQuantize
+    from dmq_fx.errors import ConfigError
+    from dmq_fx.observers import TimestepTableFakeQuantize
 
     for q in quantizers:
         if isinstance(q, TimestepTableFakeQuantize):

@@ -14,8 +14,8 @@ from torch.ao.quantization.fx.qconfig_mapping_utils import (
 )
 from torch.ao.quantization.observer import MovingAverageMinMaxObserver
 
-from .errors import ConfigError
-from .observers import MSEGridSearchPerChannelObserver
+from dmq_fx.errors import ConfigError
+from dmq_fx.observers import MSEGridSearchPerChannelObserver
 
 __all__ = [
     "FLOAT_MODULE_NAMES",

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import fx
@@ -16,47 +15,15 @@ from torch.ao.quantization.fake_quantize import FakeQuantize, FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
 from torch.nn.utils.parametrize import type_before_parametrizations
 
-from .errors import ConfigError
-from .qconfig import qconfig_for_module
+from dmq_fx.errors import ConfigError
+from dmq_fx.graph.meta import ANNOTATION_KEY, LayerQuantSpec
+from dmq_fx.graph.skip_connections import skip_connection_layers
+from dmq_fx.quantize.qconfig import qconfig_for_module
 
-__all__ = [
-    "ANNOTATION_KEY",
-    "LayerQuantSpec",
-    "annotate_quantization",
-    "make_fake_quantize",
-    "quantized_layer_nodes",
-]
+__all__ = ["annotate_quantization", "make_fake_quantize"]
 
-ANNOTATION_KEY = "dmq_fx"
 _PER_TENSOR = (torch.per_tensor_affine, torch.per_tensor_symmetric)
 _PER_CHANNEL = (torch.per_channel_affine, torch.per_channel_symmetric)
-
-
-@dataclass
-class LayerQuantSpec:
-    """How one Conv2d / Linear node is quantized (stored in ``node.meta["dmq_fx"]``)."""
-
-    qconfig: QConfig
-    module_type: str
-    weight_bits: int
-    weight_qscheme: torch.qscheme
-    act_bits: int
-    #: input channel count of each group with its own activation and weight quantizers: one
-    #: group, or one per input of a skip concatenation (Q-Diffusion's shortcut split).
-    input_groups: tuple[int, ...]
-    #: DMQ rewrites applied to the layer, shown by summary() ("split", "les", later "pts").
-    rewrites: list[str] = field(default_factory=list)
-    #: with LES: the layer that owns this layer's ``tau`` (layers reading the same tensor, such
-    #: as q, k and v, share one so that 1/tau can fold into the norm before them).
-    les_owner: str | None = None
-    #: (min, max) of tau, recorded by convert_fx when it folds tau away (for summary()).
-    les_tau: tuple[float, float] | None = None
-    #: with PTS: the options of the layer's PowerOfTwoVotingObserver (max_shift, kappa,
-    #: selection); its input quantizers then use per-channel power-of-two steps.
-    pts: dict | None = None
-    #: with per-timestep activation tables: the input quantizers keep one set of qparams (and
-    #: PTS exponents) per calibrated timestep, chosen by the timestep of the call.
-    timestep_table: bool = False
 
 
 def make_fake_quantize(ctor) -> FakeQuantizeBase:
@@ -111,11 +78,6 @@ def _concat_inputs(node: fx.Node) -> list[fx.Node] | None:
     return list(tensors)
 
 
-def quantized_layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """The nodes of ``gm`` that carry a :class:`LayerQuantSpec`, in graph order."""
-    return [n for n in gm.graph.nodes if isinstance(n.meta.get(ANNOTATION_KEY), LayerQuantSpec)]
-
-
 def annotate_quantization(
     gm: fx.GraphModule,
     qconfig_mapping: QConfigMapping,
@@ -153,7 +115,6 @@ def annotate_quantization(
         raise ConfigError(
             f"unknown pts_options {sorted(unknown)}; known: max_shift, kappa, selection"
         )
-    from .passes import skip_connection_layers  # the passes package imports this module
 
     skip_layers = set(skip_connection_layers(gm)) if pts == "skip" else set()
     les_owners: dict[fx.Node, str] = {}

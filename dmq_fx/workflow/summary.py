@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from .annotate import LayerQuantSpec, quantized_layer_nodes
-from .passes import input_quantizer_name, les_scale_name, weight_quantizer
-from .quantized_modules import QuantizedLayer
+from dmq_fx.graph.meta import LayerQuantSpec, quantized_layer_nodes
+from dmq_fx.lowering.quantized_modules import QuantizedLayer
+from dmq_fx.passes import input_quantizer_name, les_scale_name, weight_quantizer
 
 __all__ = ["QuantSummary", "summary"]
 

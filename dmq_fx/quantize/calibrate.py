@@ -18,10 +18,10 @@ from torch import fx
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from tqdm.auto import tqdm
 
-from . import distributed
-from .annotate import quantized_layer_nodes
-from .errors import CalibrationError, ConfigError
-from .passes import input_quantizer_name, weight_before_quantization, weight_quantizer
+from dmq_fx.errors import CalibrationError, ConfigError
+from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.passes import input_quantizer_name, weight_before_quantization, weight_quantizer
+from dmq_fx.quantize import distributed
 
 __all__ = [
     "DEFAULT_STAGES",
@@ -221,7 +221,7 @@ def calibrate(
         raise CalibrationError("calibrate() got no calibration batches")
     checkpoint = None
     if checkpoint_dir is not None:
-        from .checkpoint import CalibrationCheckpoint, UnitProgress
+        from dmq_fx.quantize.checkpoint import CalibrationCheckpoint, UnitProgress
 
         checkpoint = CalibrationCheckpoint(checkpoint_dir, [n for n, _ in resolved], batches)
         checkpoint.restore(prepared)

@@ -22,13 +22,13 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from .blocks import capture_unit_inputs, reconstruction_units, unit_graph
-from .calibrate import all_float, layer_quantizers
-from .calibration import CalibrationData
-from .errors import CalibrationError
-from .observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
-from .passes import les_scale_name
-from .serialization import calibrated_graph
+from dmq_fx.errors import CalibrationError
+from dmq_fx.graph.units import capture_unit_inputs, reconstruction_units, unit_graph
+from dmq_fx.observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
+from dmq_fx.passes import les_scale_name
+from dmq_fx.quantize.calibrate import all_float, layer_quantizers
+from dmq_fx.workflow.calibration_data import CalibrationData
+from dmq_fx.workflow.serialization import calibrated_graph
 
 __all__ = ["QuantReport", "report", "sqnr_db"]
 
@@ -160,7 +160,8 @@ def report(
 
     ``quantized``: a calibrated graph or its :func:`dmq_fx.convert_fx` result (rebuilt in
     fake-quant form on ``float_model``; the lowering agrees with it to one quantization step).
-    ``calibration_data``: sampler inputs (:func:`~dmq_fx.calibration.collect_calibration_data`);
+    ``calibration_data``: sampler inputs
+    (:func:`~dmq_fx.workflow.calibration_data.collect_calibration_data`);
     up to ``samples_per_timestep`` rows of each timestep are used. Neither model is modified.
     """
     if not isinstance(calibration_data, CalibrationData) or len(calibration_data) == 0:

@@ -7,18 +7,9 @@ import copy
 import torch
 from torch import fx
 
-from .annotate import LayerQuantSpec, quantized_layer_nodes
-from .errors import ConfigError, ConvertError
-from .observers import PowerOfTwoFakeQuantize
-from .passes import (
-    LESScale,
-    input_quantizer_name,
-    integer_weight,
-    les_scale_name,
-    weight_before_quantization,
-    weight_quantizer,
-)
-from .quantized_modules import (
+from dmq_fx.errors import ConfigError, ConvertError
+from dmq_fx.graph.meta import LayerQuantSpec, quantized_layer_nodes
+from dmq_fx.lowering.quantized_modules import (
     INT16_MAX,
     QuantizedLayer,
     cpu_has_int8_dot_product,
@@ -26,7 +17,16 @@ from .quantized_modules import (
     quantize_uint8,
     select_timestep_entry,
 )
-from .serialization import learned_state, saved_settings
+from dmq_fx.observers import PowerOfTwoFakeQuantize
+from dmq_fx.passes import (
+    LESScale,
+    input_quantizer_name,
+    integer_weight,
+    les_scale_name,
+    weight_before_quantization,
+    weight_quantizer,
+)
+from dmq_fx.workflow.serialization import learned_state, saved_settings
 
 __all__ = ["BACKENDS", "convert_fx"]
 

@@ -16,10 +16,17 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from . import distributed
-from .calibrate import PREPARE_FLAGS, PRESETS, STAGES, Batch, input_quantizers, weight_quantizers
-from .errors import ConfigError
-from .observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
+from dmq_fx.errors import ConfigError
+from dmq_fx.observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
+from dmq_fx.quantize import distributed
+from dmq_fx.quantize.calibrate import (
+    PREPARE_FLAGS,
+    PRESETS,
+    STAGES,
+    Batch,
+    input_quantizers,
+    weight_quantizers,
+)
 
 __all__ = ["DMQ_PREPARE_FLAGS", "pts_quantizers", "vote_pts"]
 

@@ -25,7 +25,7 @@ __all__ = [
     "sample_ddim",
 ]
 
-MODELS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "models"
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
 #: One prompt per Fashion-MNIST class (label order), then the empty prompt used for guidance.
 FASHION_PROMPTS = (
