@@ -21,11 +21,14 @@ from dmq_fx.methods import adaround, fbr, les, pts
 from dmq_fx.methods.adaround import AdaRound
 from dmq_fx.methods.fbr import FBR
 from dmq_fx.methods.les import LearnLES, SmoothQuantScales
-from dmq_fx.quantize.calibrate import DEFAULT_STAGES, PREPARE_FLAGS, PRESETS, STAGES, calibrate
+from dmq_fx.methods.presets import DEFAULT_STAGES, PREPARE_FLAGS, PRESETS, STAGES, Preset
+from dmq_fx.quantize.modes import quantizer_mode, set_quantizer_mode
 from dmq_fx.quantize.prepare import prepare_fx
 from dmq_fx.quantize.qconfig import get_default_qconfig, get_default_qconfig_mapping
+from dmq_fx.quantize.stage import CalibrationContext, Stage
 from dmq_fx.version import __version__  # noqa: F401  (dmq_fx.__version__)
 from dmq_fx.workflow import calibration_data as calibration
+from dmq_fx.workflow.calibrate import calibrate
 from dmq_fx.workflow.pipeline import QuantizationConfig, QuantizedUNet, quantize_pipeline
 from dmq_fx.workflow.report import QuantReport, report
 from dmq_fx.workflow.serialization import load, save
@@ -38,6 +41,11 @@ __all__ = [
     "PREPARE_FLAGS",
     "PRESETS",
     "STAGES",
+    "CalibrationContext",
+    "Preset",
+    "Stage",
+    "quantizer_mode",
+    "set_quantizer_mode",
     "CalibrationError",
     "ConfigError",
     "ConvertError",

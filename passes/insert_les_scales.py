@@ -126,8 +126,6 @@ def insert_les_scales(gm: fx.GraphModule) -> fx.GraphModule:
             weights = layer.parametrizations.weight
             # first in the chain: the weight quantizers then observe tau * W
             weights.insert(0, ScaleWeightInputChannels(les, getattr(layer, "groups", 1)))
-            if "les" not in spec.rewrites:
-                spec.rewrites.append("les")
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -11,7 +11,8 @@ from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_in
 from dmq_fx.graph.units import capture_unit_inputs, reconstruction_units, unit_graph
 from dmq_fx.lowering.quantized_modules import QuantizedLayer
 from dmq_fx.methods.adaround import AdaRound, _initial_v, rectified_sigmoid
-from dmq_fx.quantize.calibrate import input_quantizers, weight_quantizers
+from dmq_fx.quantize.modes import input_quantizers, weight_quantizers
+from dmq_fx.quantize.stage import CalibrationContext
 
 
 def _observed(config, wb=4, ab=8, les=False):
@@ -142,7 +143,7 @@ def test_adaround_is_deterministic_and_needs_weight_qparams():
     runs = []
     for _ in range(2):
         _, gm, data = _observed(TINY_DDPM)
-        AdaRound(iterations=5, max_samples=8, seed=3)(gm, data, progress=False)
+        AdaRound(iterations=5, max_samples=8, seed=3)(gm, CalibrationContext(data, progress=False))
         runs.append(
             [
                 weight_quantizer(gm.get_submodule(n.target)).rounding(0)
@@ -159,7 +160,7 @@ def test_adaround_is_deterministic_and_needs_weight_qparams():
 
 def test_observing_weights_again_drops_the_learned_rounding():
     _, gm, data = _observed(TINY_DDPM)
-    AdaRound(iterations=2, max_samples=8)(gm, data, progress=False)
+    AdaRound(iterations=2, max_samples=8)(gm, CalibrationContext(data, progress=False))
     node = quantized_layer_nodes(gm)[0]
     assert weight_quantizer(gm.get_submodule(node.target)).rounding(0) is not None
     dmq_fx.calibrate(gm, data, ["observe_weights"], progress=False)

@@ -5,6 +5,7 @@ from conftest import calibration_data
 from dmq_fx.passes import weight_quantizer
 
 import dmq_fx
+from dmq_fx.graph.meta import graph_state
 from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet, example_inputs
 
 
@@ -70,7 +71,7 @@ def test_stages_are_an_ordered_list_and_custom_stages_run():
         progress=False,
     )
     assert calls == [2]
-    assert prepared.meta["dmq_fx"]["stages_run"] == [
+    assert graph_state(prepared).stages_run == [
         "observe_activations",
         "count_batches",
         "observe_weights",
@@ -78,7 +79,7 @@ def test_stages_are_an_ordered_list_and_custom_stages_run():
     assert "observe_activations > count_batches > observe_weights" in str(dmq_fx.summary(prepared))
     dmq_fx.calibrate(prepared, [(x,)], stages=[count_batches], progress=False)
     assert calls == [2, 1]  # a second call continues the calibrated graph
-    assert prepared.meta["dmq_fx"]["stages_run"][-2:] == ["observe_weights", "count_batches"]
+    assert graph_state(prepared).stages_run[-2:] == ["observe_weights", "count_batches"]
 
 
 def test_bad_calibration_input_is_named():

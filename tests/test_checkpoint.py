@@ -11,7 +11,7 @@ from conftest import calibration_data
 import dmq_fx
 from dmq_fx.graph.meta import quantized_layer_nodes
 from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet, example_inputs
-from dmq_fx.workflow.serialization import learned_state
+from dmq_fx.quantize.state import learned_state
 
 
 def _prepared(model):
@@ -83,7 +83,7 @@ SCRIPT = textwrap.dedent(
     torch.set_num_threads(1)
     import dmq_fx
     from conftest import calibration_data
-    from dmq_fx.workflow.serialization import learned_state
+    from dmq_fx.quantize.state import learned_state
     from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet, example_inputs
     from safetensors.torch import save_file
     model = build_unet(TINY_DDPM)

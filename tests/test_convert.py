@@ -5,6 +5,7 @@ import torch
 from conftest import prepared_and_calibrated, state_snapshot
 
 import dmq_fx
+from dmq_fx.graph.meta import graph_state
 from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
 from dmq_fx.lowering.quantized_modules import (
     QuantizedLayer,
@@ -209,4 +210,4 @@ def test_convert_errors_and_no_side_effects():
     dmq_fx.convert_fx(sim, "x86")
     now = sim.state_dict()
     assert all(torch.equal(now[key], v) for key, v in snap[0].items())
-    assert sim.meta["dmq_fx"]["state"] == "calibrated"
+    assert graph_state(sim).state == "calibrated"

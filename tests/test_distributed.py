@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet, example_inputs
-from dmq_fx.workflow.serialization import learned_state
+from dmq_fx.quantize.state import learned_state
 
 
 def _stages():

@@ -6,12 +6,13 @@ from dmq_fx.passes import input_quantizer_name, weight_quantizer
 from test_adaround import _observed
 
 import dmq_fx
-from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.graph.meta import graph_state, quantized_layer_nodes
 from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
 from dmq_fx.graph.units import capture_unit_inputs, reconstruction_units, unit_graph
 from dmq_fx.methods.fbr import FBR, LearnedStepFakeQuantize, fbr_loss, mix_inputs
 from dmq_fx.quantize.annotate import make_fake_quantize
-from dmq_fx.quantize.calibrate import input_quantizers, weight_quantizers
+from dmq_fx.quantize.modes import input_quantizers, weight_quantizers
+from dmq_fx.quantize.stage import CalibrationContext
 
 
 def test_fbr_loss_by_hand():
@@ -119,7 +120,7 @@ def test_presets_convert_to_a_graph_that_agrees_with_the_simulation(config, pres
     }
     stages = [fast.get(s, s) for s in dmq_fx.PRESETS[preset]]
     dmq_fx.calibrate(prepared, calibration_data(model), stages, progress=False)
-    assert "fbr" in prepared.meta["dmq_fx"]["stages_run"]
+    assert "fbr" in graph_state(prepared).stages_run
     lowered = dmq_fx.convert_fx(prepared, "x86")
     x, kw = example_inputs(model, batch=3, seed=7)
     with torch.no_grad():
@@ -140,7 +141,9 @@ def test_fbr_is_deterministic_and_needs_observed_qparams():
     runs = []
     for _ in range(2):
         _, gm, data = _observed(TINY_DDPM)
-        FBR(iterations=4, max_samples=8, seed=3, step_lr=1e-2)(gm, data, progress=False)
+        FBR(iterations=4, max_samples=8, seed=3, step_lr=1e-2)(
+            gm, CalibrationContext(data, progress=False)
+        )
         runs.append([q.scale.clone() for q in input_quantizers(gm)])
         runs[-1] += [
             weight_quantizer(gm.get_submodule(n.target)).rounding(0)

@@ -11,7 +11,7 @@ from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_in
 from dmq_fx.methods.adaround import AdaRound
 from dmq_fx.methods.fbr import FBR
 from dmq_fx.methods.les import LearnLES, les_units
-from dmq_fx.workflow.serialization import learned_state
+from dmq_fx.quantize.state import learned_state
 
 
 def _calibrate(model, capture: str, data, calls: dict):

@@ -15,7 +15,7 @@ from dmq_fx.methods.les import (
     adaptive_timestep_weights,
     batch_timesteps,
 )
-from dmq_fx.quantize.calibrate import input_quantizers, weight_quantizers
+from dmq_fx.quantize.modes import input_quantizers, weight_quantizers
 
 
 class _NormConv(torch.nn.Module):

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet
-from dmq_fx.quantize.calibrate import input_quantizers, weight_quantizers
+from dmq_fx.quantize.modes import input_quantizers, weight_quantizers
 from dmq_fx.workflow.calibration_data import collect_calibration_data
 from dmq_fx.workflow.report import sqnr_db
 

@@ -7,6 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import dmq_fx
+from dmq_fx.graph.meta import graph_state
 from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
 
 
@@ -47,10 +48,10 @@ def test_round_trip_rebuilds_a_bit_identical_graph(tmp_path, config, preset, fla
     snapshot = state_snapshot(model)
     loaded = dmq_fx.load(tmp_path / "q.safetensors", model)
     assert_unchanged(model, snapshot)
-    assert loaded.meta["dmq_fx"]["state"] == "converted"
+    assert graph_state(loaded).state == "converted"
     calibrated = dmq_fx.load(tmp_path / "calibrated.safetensors", model)
-    assert calibrated.meta["dmq_fx"]["state"] == "calibrated"
-    assert calibrated.meta["dmq_fx"]["stages_run"] == prepared.meta["dmq_fx"]["stages_run"]
+    assert graph_state(calibrated).state == "calibrated"
+    assert graph_state(calibrated).stages_run == graph_state(prepared).stages_run
     a, k = example_inputs(model, batch=3, seed=11)
     if flags.get("timestep_tables"):
         a = (a[0], torch.full_like(a[1], 500))  # one calibrated-range timestep per call
@@ -98,7 +99,7 @@ def test_load_refuses_other_models_formats_and_corrupted_files(tmp_path):
     save_file(tensors, str(missing), metadata=metadata)
     with pytest.raises(dmq_fx.LoadError, match="do not fit"):
         dmq_fx.load(missing, model)
-    assert dmq_fx.load(path, model).meta["dmq_fx"]["state"] == "calibrated"
+    assert graph_state(dmq_fx.load(path, model)).state == "calibrated"
 
 
 def test_save_needs_a_calibrated_graph(tmp_path):

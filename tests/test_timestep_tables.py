@@ -6,7 +6,7 @@ from torch.ao.quantization.observer import MinMaxObserver
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet, example_inputs
-from dmq_fx.quantize.calibrate import input_quantizers
+from dmq_fx.quantize.modes import input_quantizers
 
 GRID = [100, 500, 900]
 

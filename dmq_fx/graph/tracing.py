@@ -29,6 +29,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from dmq_fx.errors import InputMismatchError, TraceError
 from dmq_fx.graph import graph_ops
+from dmq_fx.graph.meta import ANNOTATION_KEY, GraphState
 from dmq_fx.graph.model_identity import model_config, weights_fingerprint
 
 __all__ = ["ValueTracer", "trace", "TIMESTEP_ARG_NAMES"]
@@ -410,17 +411,17 @@ def trace(
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    gm.meta["dmq_fx"] = {
-        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "input_names": list(provided),
-        "example_shapes": {
+    gm.meta[ANNOTATION_KEY] = GraphState(
+        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+        input_names=list(provided),
+        example_shapes={
             k: tuple(v.shape) for k, v in provided.items() if isinstance(v, torch.Tensor)
         },
         # what dmq_fx.save records, so that dmq_fx.load can re-trace the same graph
-        "example_spec": _example_spec(provided),
-        "model_config": model_config(model),
-        "weights_fingerprint": weights_fingerprint(model),
-    }
+        example_spec=_example_spec(provided),
+        model_config=model_config(model),
+        weights_fingerprint=weights_fingerprint(model),
+    )
     if check:
         _check_against_eager(gm, root, provided)
     return gm

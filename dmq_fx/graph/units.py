@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
@@ -27,10 +27,8 @@ from torch import fx
 from dmq_fx.errors import CalibrationError
 from dmq_fx.graph.meta import quantized_layer_nodes
 
-if TYPE_CHECKING:
-    from dmq_fx.quantize.calibrate import Batch
-
 __all__ = [
+    "Batch",
     "BLOCK_TYPES",
     "CapturedInputs",
     "ForwardCursor",
@@ -39,6 +37,9 @@ __all__ = [
     "reconstruction_units",
     "unit_graph",
 ]
+
+#: one calibration batch: positional and keyword inputs of the graph
+Batch = tuple[tuple[Any, ...], dict[str, Any]]
 
 #: How unit-wise stages capture a unit's inputs: "restart" (a forward per batch per unit that
 #: stops at the unit; holds one unit's inputs) or "cursor" (:class:`ForwardCursor`).

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import fx
 
 from dmq_fx.errors import ConfigError, ConvertError
-from dmq_fx.graph.meta import LayerQuantSpec, quantized_layer_nodes
+from dmq_fx.graph.meta import ConvertedFrom, LayerQuantSpec, graph_state, quantized_layer_nodes
 from dmq_fx.lowering.quantized_modules import (
     INT16_MAX,
     QuantizedLayer,
@@ -26,15 +27,23 @@ from dmq_fx.passes import (
     weight_before_quantization,
     weight_quantizer,
 )
-from dmq_fx.workflow.serialization import learned_state, saved_settings
+from dmq_fx.quantize.state import learned_state, saved_settings
 
-__all__ = ["BACKENDS", "convert_fx"]
+__all__ = [
+    "BACKENDS",
+    "LoweredLayer",
+    "convert_fx",
+    "integer_weights",
+    "lower_plain",
+    "lower_pts",
+    "lower_timestep_table",
+]
 
 BACKENDS = ("reference", "x86", "onednn")
 _qd = torch.ops.quantized_decomposed
 
 
-def _integer_weights(layer: torch.nn.Module, spec: LayerQuantSpec):
+def integer_weights(layer: torch.nn.Module, spec: LayerQuantSpec):
     """Per input group: (integer weight, per-channel scale, per-channel zero point), qmin, qmax."""
     grouped = weight_quantizer(layer)
     weight = weight_before_quantization(layer).detach()
@@ -200,42 +209,142 @@ def _shifted_weights(weights, factors: list[torch.Tensor], max_shift: int):
     return out
 
 
-def _lowered_inputs(gm, node, quant_nodes, act_qparams, form, pts_form, factors, fqs):
-    """The quantize (and, in reference form, dequantize) nodes of a layer's input groups."""
-    graph = gm.graph
-    new_inputs = []
-    with graph.inserting_before(node):
-        for g, (qnode, (s, z, amin, amax)) in enumerate(zip(quant_nodes, act_qparams)):
-            suffix = f"_{g}" if len(quant_nodes) > 1 else ""
-            factor = None if factors is None else factors[g]
-            if pts_form == "pts:shift":
-                s = s * 2 ** fqs[g].observer.max_shift  # quantize with the tensor's own s
+@dataclasses.dataclass
+class _LayerInputs:
+    """What every lowering of a layer starts from: its node, float layer, annotation, the
+    quantize nodes in front of it (one per input group) and their per-tensor qparams."""
+
+    node: fx.Node
+    layer: torch.nn.Module
+    spec: LayerQuantSpec
+    quant_nodes: list[fx.Node]
+    act_qparams: list[tuple[float, int, int, int]]
+
+    def quantizer(self, gm: fx.GraphModule, g: int) -> torch.nn.Module:
+        n = len(self.spec.input_groups)
+        return gm.get_submodule(input_quantizer_name(self.node.target, g, n))
+
+    def suffix(self, g: int) -> str:
+        return f"_{g}" if len(self.quant_nodes) > 1 else ""
+
+
+@dataclasses.dataclass
+class LoweredLayer:
+    """What one lowering function built: the layer's new input nodes, its integer weights
+    (per group: weight, steps, zero points) and range, the activation qparams the kernel gets,
+    the kernel form, and the per-timestep qparams table (table lowering only)."""
+
+    inputs: list[fx.Node]
+    weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    qmin: int
+    qmax: int
+    act_qparams: list[tuple[float, int, int, int]]
+    form: str
+    act_table: list[tuple[float, int, int, int]] | None = None
+
+
+def _dequantize_per_tensor(gm, layer: _LayerInputs, q: fx.Node, g: int) -> fx.Node:
+    s, z, amin, amax = layer.act_qparams[g]
+    return gm.graph.create_node(
+        "call_function",
+        _qd.dequantize_per_tensor.default,
+        (q, s, z, amin, amax, torch.uint8),
+        name=f"{layer.node.name}_input_dq{layer.suffix(g)}",
+    )
+
+
+def lower_plain(gm: fx.GraphModule, layer: _LayerInputs, backend: str) -> LoweredLayer:
+    """A layer with per-tensor activation steps, one input group or a split concatenation
+    (one quantize per concatenated input): int8 kernel or reference form."""
+    weights, qmin, qmax = integer_weights(layer.layer, layer.spec)
+    form = _choose_form(backend, weights, layer.act_qparams, qmin, qmax)
+    inputs = []
+    with gm.graph.inserting_before(layer.node):
+        for g, qnode in enumerate(layer.quant_nodes):
+            q, _ = _quantize_node(
+                gm, qnode.args[0], layer.act_qparams[g], form, layer.node, layer.suffix(g)
+            )
+            inputs.append(q if form == "int8" else _dequantize_per_tensor(gm, layer, q, g))
+    return LoweredLayer(inputs, weights, qmin, qmax, layer.act_qparams, form)
+
+
+def lower_pts(gm: fx.GraphModule, layer: _LayerInputs, backend: str) -> LoweredLayer:
+    """A layer with PTS's per-channel power-of-two steps ``s * 2^(j_c - D)``: as integer shifts
+    of the weights where they fit int8 (``pts:shift``: activations quantized at the finest step
+    ``s / 2^D``, the kernel sees per-tensor steps), else dequantized per channel before a float
+    layer (``pts:dequant``, reference form)."""
+    spec = layer.spec
+    weights, qmin, qmax = integer_weights(layer.layer, spec)
+    fqs = [layer.quantizer(gm, g) for g in range(len(spec.input_groups))]
+    factors = [fq.observer.channel_factors(c) for fq, c in zip(fqs, spec.input_groups)]
+    max_shift = fqs[0].observer.max_shift
+    shifted = _shifted_weights(weights, factors, max_shift)
+    act_qparams = layer.act_qparams
+    if shifted is not None and getattr(layer.layer, "groups", 1) == 1:
+        spec.pts_lowering = "shift"
+        weights, qmin, qmax = shifted, -128, 127
+        act_qparams = [(s / 2**max_shift, z, lo, hi) for s, z, lo, hi in act_qparams]
+        form = _choose_form(backend, weights, act_qparams, qmin, qmax)
+    else:
+        spec.pts_lowering = "dequant"
+        form = "reference"  # per-channel steps: dequantized before a float conv
+    kernel = dataclasses.replace(layer, act_qparams=act_qparams)
+    inputs = []
+    with gm.graph.inserting_before(layer.node):
+        for g, qnode in enumerate(layer.quant_nodes):
+            # quantize with the tensor's own step s; the factors make it per channel
             q, per_channel = _quantize_node(
-                gm, qnode.args[0], (s, z, amin, amax), form, node, suffix, factor
+                gm,
+                qnode.args[0],
+                layer.act_qparams[g],
+                form,
+                layer.node,
+                layer.suffix(g),
+                factors[g],
             )
             if form == "int8":
-                new_inputs.append(q)
-            elif pts_form == "pts:dequant":
+                inputs.append(q)
+            elif spec.pts_lowering == "shift":
+                inputs.append(_dequantize_per_tensor(gm, kernel, q, g))
+            else:
                 steps, zps, axis = per_channel
-                new_inputs.append(
-                    graph.create_node(
+                _, _, amin, amax = act_qparams[g]
+                inputs.append(
+                    gm.graph.create_node(
                         "call_function",
                         _qd.dequantize_per_channel.default,
                         (q, steps, zps, axis, amin, amax, torch.uint8),
-                        name=f"{node.name}_input_dq{suffix}",
+                        name=f"{layer.node.name}_input_dq{layer.suffix(g)}",
                     )
                 )
-            else:
-                s_kernel = act_qparams[g][0]
-                new_inputs.append(
-                    graph.create_node(
-                        "call_function",
-                        _qd.dequantize_per_tensor.default,
-                        (q, s_kernel, z, amin, amax, torch.uint8),
-                        name=f"{node.name}_input_dq{suffix}",
-                    )
-                )
-    return new_inputs
+    return LoweredLayer(inputs, weights, qmin, qmax, act_qparams, form)
+
+
+def lower_timestep_table(gm: fx.GraphModule, layer: _LayerInputs, backend: str) -> LoweredLayer:
+    """A layer whose activation qparams come from a per-timestep table: chosen at run time by
+    the call's timestep, so quantized and dequantized before the float layer (reference form)."""
+    spec = layer.spec
+    weights, qmin, qmax = integer_weights(layer.layer, spec)
+    tables = [layer.quantizer(gm, g) for g in range(len(spec.input_groups))]
+    if any(not len(t.entries) for t in tables):
+        raise ConvertError(f"layer '{layer.node.target}': its timestep table is empty")
+    act_qparams = [
+        (float(t.entries[0].scale), int(t.entries[0].zero_point), t.quant_min, t.quant_max)
+        for t in tables
+    ]
+    act_table = [
+        (float(e.scale), int(e.zero_point), t.quant_min, t.quant_max)
+        for t in tables
+        for e in t.entries
+    ]
+    if spec.pts is not None:
+        spec.pts_lowering = "dequant"
+    with gm.graph.inserting_before(layer.node):
+        inputs = [
+            _table_quantize_dequantize(gm, q.args[0], q.args[1], t, layer.node, layer.suffix(g))
+            for g, (q, t) in enumerate(zip(layer.quant_nodes, tables))
+        ]
+    return LoweredLayer(inputs, weights, qmin, qmax, act_qparams, "reference", act_table)
 
 
 def _foldable_norm(gm: fx.GraphModule, les_node: fx.Node) -> torch.nn.Module | None:
@@ -308,15 +417,41 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
     layer whose int16 pair sums could saturate is lowered in the reference form instead (exact,
     not faster); :func:`dmq_fx.summary` shows each layer's form. ``prepared`` is not modified.
     """
+    _check_convertible(prepared, backend)
+    record = graph_state(prepared)
+    try:
+        settings, settings_error = saved_settings(prepared), None
+    except ConfigError as e:  # a graph save() cannot describe still converts; save() says why
+        settings, settings_error = None, str(e)
+    converted_from = ConvertedFrom(learned_state(prepared), settings, settings_error, backend)
+    # Each quantized layer is replaced by a QuantizedLayer below and only read until then: the
+    # copy shares them with ``prepared`` instead of duplicating their float weights (converting
+    # SD 1.5 would otherwise hold a second FP model).
+    layers = [prepared.get_submodule(n.target) for n in quantized_layer_nodes(prepared)]
+    gm = copy.deepcopy(prepared, {id(layer): layer for layer in layers})
+    gm.meta = copy.deepcopy(prepared.meta)
+    les_owners = {n.meta["dmq_fx"].les_owner for n in quantized_layer_nodes(gm)} - {None}
+    _fold_les_into_norms(gm)
+    for node in quantized_layer_nodes(gm):
+        layer = _layer_inputs(gm, node)
+        lower = _LOWERINGS[_layer_kind(layer.spec)]
+        _replace_layer(gm, layer, lower(gm, layer, backend))
+    for owner in les_owners:
+        gm.delete_submodule(les_scale_name(owner))
+    gm.graph.lint()
+    gm.recompile()
+    record = graph_state(gm)
+    record.state, record.backend, record.converted_from = "converted", backend, converted_from
+    return gm
+
+
+def _check_convertible(prepared: fx.GraphModule, backend: str) -> None:
     if backend not in BACKENDS:
         raise ConvertError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend != "reference" and not torch.backends.mkldnn.is_available():
         raise ConvertError(f"backend {backend!r} needs a torch build with oneDNN (mkldnn)")
-    state = (
-        prepared.meta.get("dmq_fx", {}).get("state")
-        if isinstance(prepared, fx.GraphModule)
-        else None
-    )
+    record = graph_state(prepared)
+    state = record.state if record is not None else None
     if state != "calibrated":
         raise ConvertError(
             "convert_fx() needs a calibrated graph: run dmq_fx.calibrate(prepared, data) first"
@@ -324,131 +459,63 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
             else f"convert_fx() expects the graph from dmq_fx.prepare_fx + calibrate, got "
             f"{'a ' + state + ' graph' if state else type(prepared).__name__}"
         )
-    source_state = learned_state(prepared)
-    try:
-        source_record = saved_settings(prepared)
-    except ConfigError as e:  # a graph save() cannot describe still converts; save() says why
-        source_record = e
-    # Each quantized layer is replaced by a QuantizedLayer below and only read until then: the
-    # copy shares them with ``prepared`` instead of duplicating their float weights (converting
-    # SD 1.5 would otherwise hold a second FP model).
-    layers = [prepared.get_submodule(n.target) for n in quantized_layer_nodes(prepared)]
-    gm = copy.deepcopy(prepared, {id(layer): layer for layer in layers})
-    gm.meta = copy.deepcopy(prepared.meta)
-    graph = gm.graph
-    les_owners = {n.meta["dmq_fx"].les_owner for n in quantized_layer_nodes(gm)} - {None}
-    _fold_les_into_norms(gm)
-    for node in quantized_layer_nodes(gm):
-        spec: LayerQuantSpec = node.meta["dmq_fx"]
-        layer = gm.get_submodule(node.target)
-        n_groups = len(spec.input_groups)
-        quant_nodes = [node.args[0]] if n_groups == 1 else list(node.args[0].args[0])
-        cat = node.args[0] if n_groups > 1 else None
-        act_qparams = []
-        for g in range(n_groups * (not spec.timestep_table)):
-            fq = gm.get_submodule(input_quantizer_name(node.target, g, n_groups))
-            act_qparams.append(
+
+
+def _layer_kind(spec: LayerQuantSpec) -> str:
+    if spec.timestep_table:
+        return "timestep_table"
+    return "pts" if spec.pts is not None else "plain"
+
+
+#: the lowering of each layer kind (a split concatenation is a plain layer of several groups)
+_LOWERINGS = {"plain": lower_plain, "pts": lower_pts, "timestep_table": lower_timestep_table}
+
+
+def _layer_inputs(gm: fx.GraphModule, node: fx.Node) -> _LayerInputs:
+    spec: LayerQuantSpec = node.meta["dmq_fx"]
+    n_groups = len(spec.input_groups)
+    quant_nodes = [node.args[0]] if n_groups == 1 else list(node.args[0].args[0])
+    layer = _LayerInputs(node, gm.get_submodule(node.target), spec, quant_nodes, [])
+    if not spec.timestep_table:
+        for g in range(n_groups):
+            fq = layer.quantizer(gm, g)
+            layer.act_qparams.append(
                 (float(fq.scale), int(fq.zero_point), int(fq.quant_min), int(fq.quant_max))
             )
-        if "les" in spec.rewrites:  # the division is still there, or it went into the norm
-            les_form = "les:step" if _is_les(gm, quant_nodes[0].args[0]) else "les:norm"
-            spec.rewrites = [les_form if r == "les" else r for r in spec.rewrites]
-            tau = gm.get_submodule(les_scale_name(spec.les_owner)).tau.detach()
-            spec.les_tau = (float(tau.min()), float(tau.max()))
-        weights, qmin, qmax = _integer_weights(layer, spec)
-        factors, pts_form = None, None
-        act_table = None
-        if spec.timestep_table:
-            # qparams chosen at run time: dequantized before the float conv (reference form)
-            form = "reference"
-            tables = [
-                gm.get_submodule(input_quantizer_name(node.target, g, n_groups))
-                for g in range(n_groups)
-            ]
-            if any(not len(t.entries) for t in tables):
-                raise ConvertError(f"layer '{node.target}': its timestep table is empty")
-            act_qparams = [
-                (float(t.entries[0].scale), int(t.entries[0].zero_point), t.quant_min, t.quant_max)
-                for t in tables
-            ]
-            act_table = [
-                (float(e.scale), int(e.zero_point), t.quant_min, t.quant_max)
-                for t in tables
-                for e in t.entries
-            ]
-            spec.rewrites = ["pts:dequant" if r == "pts" else r for r in spec.rewrites]
-            with graph.inserting_before(node):
-                new_inputs = [
-                    _table_quantize_dequantize(
-                        gm, q.args[0], q.args[1], t, node, f"_{g}" if n_groups > 1 else ""
-                    )
-                    for g, (q, t) in enumerate(zip(quant_nodes, tables))
-                ]
-        elif spec.pts is not None:
-            fqs = [
-                gm.get_submodule(input_quantizer_name(node.target, g, n_groups))
-                for g in range(n_groups)
-            ]
-            factors = [fq.observer.channel_factors(c) for fq, c in zip(fqs, spec.input_groups)]
-            max_shift = fqs[0].observer.max_shift
-            shifted = _shifted_weights(weights, factors, max_shift)
-            if shifted is not None and getattr(layer, "groups", 1) == 1:
-                # integer activations read at the finest step s / 2^D, weights shifted by j_c
-                pts_form, weights, qmin, qmax = "pts:shift", shifted, -128, 127
-                act_qparams = [(s / 2**max_shift, z, lo, hi) for s, z, lo, hi in act_qparams]
-            else:
-                pts_form = "pts:dequant"
-            spec.rewrites = [pts_form if r == "pts" else r for r in spec.rewrites]
-        if act_table is None:
-            form = _choose_form(backend, weights, act_qparams, qmin, qmax)
-            if pts_form == "pts:dequant":
-                form = "reference"  # per-channel steps: dequantized before a float conv
-            new_inputs = _lowered_inputs(
-                gm,
-                node,
-                quant_nodes,
-                act_qparams,
-                form,
-                pts_form,
-                factors,
-                fqs if factors else None,
-            )
-        node.args = tuple(new_inputs)
-        for dead in ([cat] if cat is not None else []) + quant_nodes:
-            les_inputs = [a for a in dead.args if _is_les(gm, a)]
-            if not dead.users:
-                graph.erase_node(dead)
-            for les_node in les_inputs:
-                if not les_node.users:
-                    graph.erase_node(les_node)
-        for g in range(n_groups):
-            gm.delete_submodule(input_quantizer_name(node.target, g, n_groups))
-        gm.add_submodule(
-            node.target,
-            QuantizedLayer(
-                layer,
-                [w for w, _, _ in weights],
-                [s for _, s, _ in weights],
-                [z for _, _, z in weights],
-                qmin,
-                qmax,
-                act_qparams,
-                form,
-                spec.module_type,
-            ),
-        )
-        if act_table is not None:
-            gm.get_submodule(node.target).act_table = act_table  # for summary()
-    for owner in les_owners:
-        gm.delete_submodule(les_scale_name(owner))
-    graph.lint()
-    gm.recompile()
-    gm.meta["dmq_fx"]["state"] = "converted"
-    gm.meta["dmq_fx"]["backend"] = backend
-    # what dmq_fx.save writes: the learned state (not the float weights) and the settings
-    gm.meta["dmq_fx"]["source"] = {
-        "state": source_state,
-        "record": source_record,
-        "backend": backend,
-    }
-    return gm
+    if spec.les_owner is not None:  # the division is still there, or it went into the norm
+        spec.les_lowering = "step" if _is_les(gm, quant_nodes[0].args[0]) else "norm"
+        tau = gm.get_submodule(les_scale_name(spec.les_owner)).tau.detach()
+        spec.les_tau = (float(tau.min()), float(tau.max()))
+    return layer
+
+
+def _replace_layer(gm: fx.GraphModule, layer: _LayerInputs, lowered: LoweredLayer) -> None:
+    """Point the layer at its lowered inputs, drop the fake-quant nodes and modules it no
+    longer reads, and swap the float layer for its :class:`QuantizedLayer`."""
+    node, spec = layer.node, layer.spec
+    n_groups = len(spec.input_groups)
+    cat = node.args[0] if n_groups > 1 else None
+    node.args = tuple(lowered.inputs)
+    for dead in ([cat] if cat is not None else []) + layer.quant_nodes:
+        les_inputs = [a for a in dead.args if _is_les(gm, a)]
+        if not dead.users:
+            gm.graph.erase_node(dead)
+        for les_node in les_inputs:
+            if not les_node.users:
+                gm.graph.erase_node(les_node)
+    for g in range(n_groups):
+        gm.delete_submodule(input_quantizer_name(node.target, g, n_groups))
+    quantized = QuantizedLayer(
+        layer.layer,
+        [w for w, _, _ in lowered.weights],
+        [s for _, s, _ in lowered.weights],
+        [z for _, _, z in lowered.weights],
+        lowered.qmin,
+        lowered.qmax,
+        lowered.act_qparams,
+        lowered.form,
+        spec.module_type,
+    )
+    if lowered.act_table is not None:
+        quantized.act_table = lowered.act_table  # for summary()
+    gm.add_submodule(node.target, quantized)

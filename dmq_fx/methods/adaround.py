@@ -33,15 +33,11 @@ from dmq_fx.graph.units import (
 )
 from dmq_fx.passes import weight_before_quantization, weight_quantizer
 from dmq_fx.quantize import distributed
-from dmq_fx.quantize.calibrate import (
-    PREPARE_FLAGS,
-    PRESETS,
-    STAGES,
-    Batch,
-    input_quantizers,
+from dmq_fx.quantize.modes import (
+    set_quantizer_mode,
     weight_quantizers,
 )
-from dmq_fx.quantize.checkpoint import unit_progress
+from dmq_fx.quantize.stage import Batch, CalibrationContext
 
 __all__ = [
     "AdaRound",
@@ -78,7 +74,7 @@ def unit_outputs(sub: fx.GraphModule, data, chunk: int = 256) -> dict[int, torch
     }
 
 
-def _output_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def output_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BRECQ's reconstruction loss: squared error summed over dim 1, mean over the rest."""
     return (pred - target).pow(2).sum(1).mean()
 
@@ -158,8 +154,7 @@ class RoundingVariables:
             for g, v in enumerate(vs):
                 grouped.set_rounding(g, v.detach() >= 0)
         for node in self.layers:
-            if "adaround" not in node.meta["dmq_fx"].rewrites:
-                node.meta["dmq_fx"].rewrites.append("adaround")
+            node.meta["dmq_fx"].adaround = True
 
 
 def require_weight_qparams(gm: fx.GraphModule, stage: str) -> None:
@@ -176,7 +171,7 @@ def reconstruct_units(
     gm: fx.GraphModule,
     stage: str,
     block_types: tuple[type, ...],
-    progress: bool,
+    ctx: CalibrationContext,
     learn: Callable[[Any, int], float],
     restored: Callable[[Any], None] | None = None,
 ) -> None:
@@ -187,12 +182,10 @@ def reconstruct_units(
     for p, _ in frozen:
         p.requires_grad_(False)
     try:
-        for fq in input_quantizers(gm) + weight_quantizers(gm):
-            fq.disable_observer()
-            fq.disable_fake_quant()
+        set_quantizer_mode(gm, "float")
         units = reconstruction_units(gm, block_types)
-        resume = unit_progress(gm)
-        bar = tqdm(units, desc=stage, unit="unit", disable=not progress)
+        resume = ctx.resume
+        bar = tqdm(units, desc=stage, unit="unit", disable=not ctx.progress)
         for index, unit in enumerate(bar):
             if index < resume.start:  # learned before an interruption, restored
                 if restored is not None:
@@ -228,17 +221,17 @@ class BlockReconstructionOptions:
     seed: int = 0
     block_types: tuple[type, ...] = BLOCK_TYPES
     capture: str = "restart"
-
-    __name__ = "block reconstruction"
+    #: the stage's name (calibrate's table, checkpoints, messages)
+    name: str = "block reconstruction"
 
     def __post_init__(self) -> None:
         if self.iterations < 0 or self.batch_size < 1:
-            raise ConfigError(f"{self.__name__}: iterations must be >= 0 and batch_size >= 1")
+            raise ConfigError(f"{self.name}: iterations must be >= 0 and batch_size >= 1")
         if not 0 <= self.warmup < 1:
-            raise ConfigError(f"{self.__name__}: warmup must be in [0, 1), got {self.warmup}")
+            raise ConfigError(f"{self.name}: warmup must be in [0, 1), got {self.warmup}")
         if self.capture not in CAPTURE_MODES:
             raise ConfigError(
-                f"{self.__name__}: capture must be one of {CAPTURE_MODES}, got {self.capture!r}"
+                f"{self.name}: capture must be one of {CAPTURE_MODES}, got {self.capture!r}"
             )
 
     def beta(self, iteration: int) -> float:
@@ -250,21 +243,21 @@ class BlockReconstructionOptions:
     def reconstruct(
         self,
         gm: fx.GraphModule,
-        batches: Sequence[Batch],
-        progress: bool,
+        ctx: CalibrationContext,
         restored: Callable[[Any], None] | None = None,
     ) -> None:
         """Run :func:`reconstruct_units` with this stage's ``learn_unit`` (unit ``i``: seed + i;
         with ``capture="cursor"`` one :class:`ForwardCursor` serves every unit)."""
         extra = {}
+        batches, seed = ctx.batches, ctx.seed_or(self.seed)
         if self.capture == "cursor":
             extra["cursor"] = ForwardCursor(gm, batches, self.max_samples)
         reconstruct_units(
             gm,
-            self.__name__,
+            self.name,
             self.block_types,
-            progress,
-            lambda unit, index: self.learn_unit(gm, unit, batches, seed=self.seed + index, **extra),
+            ctx,
+            lambda unit, index: self.learn_unit(gm, unit, batches, seed=seed + index, **extra),
             restored=restored,
         )
 
@@ -280,17 +273,17 @@ class AdaRound(BlockReconstructionOptions):
     DMQ's (20000 iterations at lr 1e-3, every sample).
     """
 
-    __name__ = "adaround"
+    name: str = "adaround"
 
     @classmethod
     def paper(cls, **overrides) -> AdaRound:
         """DMQ's budget: 20000 iterations per unit at lr 1e-3, batch 32, every sample."""
-        paper = {"iterations": 20000, "lr": 1e-3, "max_samples": None}
+        paper = {"iterations": 20000, "lr": 1e-3, "max_samples": None, "name": "adaround_paper"}
         return cls(**{**paper, **overrides})
 
-    def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
-        require_weight_qparams(gm, self.__name__)
-        self.reconstruct(gm, batches, progress)
+    def __call__(self, gm: fx.GraphModule, ctx: CalibrationContext) -> None:
+        require_weight_qparams(gm, self.name)
+        self.reconstruct(gm, ctx)
 
     def learn_unit(
         self,
@@ -319,7 +312,7 @@ class AdaRound(BlockReconstructionOptions):
                     idx = torch.randint(len(data), (n,), generator=generator)
                     rounding.apply_soft()
                     outs = sub(*data.select(idx))
-                    rec = sum(_output_loss(outs[i], targets[i][idx]) for i in kept)
+                    rec = sum(output_loss(outs[i], targets[i][idx]) for i in kept)
                     loss = rec
                     if it >= self.warmup * self.iterations:
                         loss = rec + self.reg_weight * rounding.regularizer(self.beta(it))
@@ -335,21 +328,3 @@ class AdaRound(BlockReconstructionOptions):
                 fq.disable_fake_quant()
         rounding.finish()
         return last
-
-
-STAGES.update({"adaround": AdaRound(), "adaround_paper": AdaRound.paper()})
-PRESETS.update(
-    {
-        "adaround": ("observe_activations", "observe_weights", "adaround"),
-        "les+adaround": ("learn_les", "observe_activations", "observe_weights", "adaround"),
-        "les+adaround-paper": (
-            "learn_les_paper",
-            "observe_activations",
-            "observe_weights",
-            "adaround_paper",
-        ),
-    }
-)
-PREPARE_FLAGS.update(
-    {"adaround": {}, "les+adaround": {"les": True}, "les+adaround-paper": {"les": True}}
-)

@@ -41,23 +41,19 @@ from dmq_fx.graph.units import (
 from dmq_fx.methods.adaround import (
     BlockReconstructionOptions,
     RoundingVariables,
-    _output_loss,
+    output_loss,
     require_weight_qparams,
     unit_outputs,
 )
-from dmq_fx.methods.pts import DMQ_PREPARE_FLAGS
 from dmq_fx.observers import PowerOfTwoFakeQuantize
 from dmq_fx.quantize import distributed
-from dmq_fx.quantize.calibrate import (
-    PREPARE_FLAGS,
-    PRESETS,
-    STAGES,
-    Batch,
-    all_float,
+from dmq_fx.quantize.modes import (
     input_quantizers,
     layer_input_quantizer_names,
     layer_quantizers,
+    quantizer_mode,
 )
+from dmq_fx.quantize.stage import Batch, CalibrationContext
 
 __all__ = ["FBR", "LearnedStepFakeQuantize", "fbr_loss", "mix_inputs"]
 
@@ -73,10 +69,10 @@ def fbr_loss(
     mean over all but dim 1 of sum over dim 1 of (a - b)^2`` (BRECQ's reconstruction error)."""
     if len(outputs) != len(targets) or len(layer_outputs) != len(layer_targets):
         raise ValueError("fbr_loss: outputs and targets differ in number")
-    loss = sum(_output_loss(p, t) for p, t in zip(outputs, targets))
+    loss = sum(output_loss(p, t) for p, t in zip(outputs, targets))
     if layer_outputs:
         loss = loss + layer_weight * sum(
-            _output_loss(p, t) for p, t in zip(layer_outputs, layer_targets)
+            output_loss(p, t) for p, t in zip(layer_outputs, layer_targets)
         )
     return loss
 
@@ -161,7 +157,7 @@ class FBR(BlockReconstructionOptions):
     layer_weight: float = 0.8
     fp_share: float = 0.5
 
-    __name__ = "fbr"
+    name: str = "fbr"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -177,11 +173,11 @@ class FBR(BlockReconstructionOptions):
     @classmethod
     def paper(cls, **overrides) -> FBR:
         """EDA-DM's budget: 5000 iterations per unit, batch 32, every sample, no regulariser."""
-        paper = {"iterations": 5000, "max_samples": None, "reg_weight": 0.0}
+        paper = {"iterations": 5000, "max_samples": None, "reg_weight": 0.0, "name": "fbr_paper"}
         return cls(**{**paper, **overrides})
 
-    def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
-        require_weight_qparams(gm, self.__name__)
+    def __call__(self, gm: fx.GraphModule, ctx: CalibrationContext) -> None:
+        require_weight_qparams(gm, self.name)
         for q in input_quantizers(gm):
             if (
                 isinstance(q, FakeQuantize)
@@ -192,7 +188,7 @@ class FBR(BlockReconstructionOptions):
                     "'observe_activations' before it"
                 )
         # a restored unit quantizes, as learn_unit leaves it
-        self.reconstruct(gm, batches, progress, restored=lambda unit: _quantize_unit(gm, unit))
+        self.reconstruct(gm, ctx, restored=lambda unit: _quantize_unit(gm, unit))
 
     def learn_unit(
         self, gm: fx.GraphModule, unit: ReconstructionUnit, batches: Sequence[Batch], *, seed: int
@@ -201,7 +197,7 @@ class FBR(BlockReconstructionOptions):
         the unit's weight and activation quantizers are on."""
         sub, inputs, outputs = unit_graph(gm, unit, extra_outputs=unit.layers[:-1])
         names = [name for node in unit.layers for name in layer_input_quantizer_names(node)]
-        with all_float(gm):
+        with quantizer_mode(gm, "float"):
             x_fp = capture_unit_inputs(gm, inputs, batches, self.max_samples)
         for name in names:  # a quantizer in front of the unit quantizes x_q (observed step)
             gm.get_submodule(name).enable_fake_quant()
@@ -276,28 +272,3 @@ class FBR(BlockReconstructionOptions):
             else:
                 fq.enable_fake_quant()
         return learned
-
-
-STAGES.update({"fbr": FBR(), "fbr_paper": FBR.paper()})
-PRESETS.update(
-    {
-        "eda-dm": ("observe_activations", "observe_weights", "fbr"),
-        "eda-dm-paper": ("observe_activations", "observe_weights", "fbr_paper"),
-        "dmq+eda": ("learn_les", "observe_activations", "vote_pts", "observe_weights", "fbr"),
-        "dmq+eda-paper": (
-            "learn_les_paper",
-            "observe_activations",
-            "vote_pts",
-            "observe_weights",
-            "fbr_paper",
-        ),
-    }
-)
-PREPARE_FLAGS.update(
-    {
-        "eda-dm": {},
-        "eda-dm-paper": {},
-        "dmq+eda": DMQ_PREPARE_FLAGS,
-        "dmq+eda-paper": DMQ_PREPARE_FLAGS,
-    }
-)

@@ -23,7 +23,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from dmq_fx.errors import CalibrationError, ConfigError
-from dmq_fx.graph.meta import LayerQuantSpec
+from dmq_fx.graph.meta import LayerQuantSpec, graph_state
 from dmq_fx.graph.units import (
     CAPTURE_MODES,
     ForwardCursor,
@@ -40,15 +40,10 @@ from dmq_fx.passes import (
     weight_quantizer,
 )
 from dmq_fx.quantize import distributed
-from dmq_fx.quantize.calibrate import (
-    PREPARE_FLAGS,
-    PRESETS,
-    STAGES,
-    Batch,
-    input_quantizers,
-    weight_quantizers,
+from dmq_fx.quantize.modes import (
+    set_quantizer_mode,
 )
-from dmq_fx.quantize.checkpoint import unit_progress
+from dmq_fx.quantize.stage import Batch, CalibrationContext
 
 __all__ = [
     "LearnLES",
@@ -73,7 +68,8 @@ def adaptive_timestep_weights(running_loss: torch.Tensor, r: float = 20.0) -> to
 
 def batch_timesteps(gm: fx.GraphModule, args: tuple, kwargs: dict) -> torch.Tensor | None:
     """The per-sample timesteps of a calibration batch (None if the model takes none)."""
-    names = gm.meta.get("dmq_fx", {}).get("input_names", [])
+    record = graph_state(gm)
+    names = record.input_names if record is not None else []
     if "timestep" in kwargs:
         t = kwargs["timestep"]
     elif "timestep" in names and names.index("timestep") < len(args):
@@ -83,12 +79,6 @@ def batch_timesteps(gm: fx.GraphModule, args: tuple, kwargs: dict) -> torch.Tens
     batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else 1
     t = torch.as_tensor(t).reshape(-1)
     return t.expand(batch).clone() if t.numel() == 1 else t.clone()
-
-
-def _float_mode(gm: fx.GraphModule) -> None:
-    for fq in input_quantizers(gm) + weight_quantizers(gm):
-        fq.disable_observer()
-        fq.disable_fake_quant()
 
 
 def _capture_unit_inputs(
@@ -287,8 +277,8 @@ class LearnLES:
     max_samples: int | None = 512
     seed: int = 0
     capture: str = "restart"
-
-    __name__ = "learn_les"
+    #: the stage's name (calibrate's table, checkpoints, summary)
+    name: str = "learn_les"
 
     def __post_init__(self) -> None:
         if self.weighting not in ("adaptive", "uniform"):
@@ -302,12 +292,13 @@ class LearnLES:
     def paper(cls, **overrides) -> LearnLES:
         """DMQ's budget: 6000 iterations per layer at lr 1e-3, batch 32, every sample."""
         paper = {"iterations": 6000, "lr": 1e-3, "batch_size": 32, "max_samples": None}
+        paper["name"] = "learn_les_paper"
         return cls(**{**paper, **overrides})
 
-    def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
-        units = _require_les(gm, self.__name__)
-        _float_mode(gm)
-        resume = unit_progress(gm)
+    def __call__(self, gm: fx.GraphModule, ctx: CalibrationContext) -> None:
+        units = _require_les(gm, self.name)
+        set_quantizer_mode(gm, "float")
+        batches, progress, resume = ctx.batches, ctx.progress, ctx.resume
         cursor = None
         if self.capture == "cursor":
             cursor = ForwardCursor(gm, batches, self.max_samples)
@@ -315,7 +306,9 @@ class LearnLES:
         for index, (owner, nodes) in enumerate(bar):
             if index < resume.start:  # learned before an interruption, restored
                 continue
-            loss = self.learn_unit(gm, owner, nodes, batches, seed=self.seed + index, cursor=cursor)
+            loss = self.learn_unit(
+                gm, owner, nodes, batches, seed=ctx.seed_or(self.seed) + index, cursor=cursor
+            )
             resume.done(index, nodes)
             bar.set_postfix(layer=owner, loss=f"{loss:.4g}")
 
@@ -381,13 +374,14 @@ class SmoothQuantScales:
     """
 
     alpha: float = 0.5
-    __name__ = "smoothquant"
+    name: str = "smoothquant"
 
-    def __call__(self, gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
-        units = _require_les(gm, self.__name__)
+    def __call__(self, gm: fx.GraphModule, ctx: CalibrationContext) -> None:
+        units = _require_les(gm, self.name)
+        batches, progress = ctx.batches, ctx.progress
         if not 0 <= self.alpha <= 1:
             raise ConfigError(f"smoothquant alpha must be in [0, 1], got {self.alpha}")
-        _float_mode(gm)
+        set_quantizer_mode(gm, "float")
         amax: dict[str, torch.Tensor] = {}
         handles = []
         for owner in units:
@@ -437,21 +431,3 @@ def _weight_amax_per_input_channel(layer: torch.nn.Module) -> torch.Tensor:
     w = w.reshape(w.shape[0], w.shape[1], -1).amax(2)  # (C_out, C_in / groups)
     groups = getattr(layer, "groups", 1)
     return w.reshape(groups, -1, w.shape[1]).amax(1).reshape(-1)
-
-
-STAGES.update(
-    {
-        "smoothquant": SmoothQuantScales(),
-        "learn_les": LearnLES(),
-        "learn_les_paper": LearnLES.paper(),
-    }
-)
-_OBSERVE = ("observe_activations", "observe_weights")
-PRESETS.update(
-    {
-        "smoothquant": ("smoothquant", *_OBSERVE),
-        "les": ("learn_les", *_OBSERVE),
-        "les-paper": ("learn_les_paper", *_OBSERVE),
-    }
-)
-PREPARE_FLAGS.update({name: {"les": True} for name in ("smoothquant", "les", "les-paper")})

@@ -10,8 +10,6 @@ shared by all timesteps.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import fx
 from tqdm.auto import tqdm
@@ -19,16 +17,14 @@ from tqdm.auto import tqdm
 from dmq_fx.errors import ConfigError
 from dmq_fx.observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
 from dmq_fx.quantize import distributed
-from dmq_fx.quantize.calibrate import (
-    PREPARE_FLAGS,
-    PRESETS,
-    STAGES,
-    Batch,
+from dmq_fx.quantize.modes import (
     input_quantizers,
-    weight_quantizers,
+    quantizer_mode,
+    set_quantizer_mode,
 )
+from dmq_fx.quantize.stage import CalibrationContext, FunctionStage
 
-__all__ = ["DMQ_PREPARE_FLAGS", "pts_quantizers", "vote_pts"]
+__all__ = ["VOTE_PTS", "pts_quantizers", "vote_pts"]
 
 
 def pts_quantizers(gm: fx.GraphModule) -> list[PowerOfTwoFakeQuantize]:
@@ -47,7 +43,7 @@ def _has_pts(q) -> bool:
     return isinstance(q, PowerOfTwoFakeQuantize)
 
 
-def vote_pts(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> None:
+def vote_pts(gm: fx.GraphModule, ctx: CalibrationContext) -> None:
     """Stage: count every sample's votes and fix each PTS channel's exponent (per timestep
     with per-timestep tables: each sample votes in its own timestep's entry)."""
     containers = [q for q in input_quantizers(gm) if _has_pts(q)]
@@ -64,41 +60,15 @@ def vote_pts(gm: fx.GraphModule, batches: Sequence[Batch], progress: bool) -> No
         raise ConfigError(
             "vote_pts votes on the observed activation ranges: run 'observe_activations' first"
         )
-    for fq in input_quantizers(gm) + weight_quantizers(gm):
-        fq.disable_observer()
-        fq.disable_fake_quant()
+    set_quantizer_mode(gm, "float")
     for q in quantizers:
         q.observer.start_voting()
-    for q in containers:
-        q.enable_observer()
-    try:
-        with torch.no_grad():
-            for args, kwargs in tqdm(batches, desc="vote PTS", disable=not progress):
-                gm(*args, **kwargs)
-    finally:
-        for q in containers:
-            q.disable_observer()
+    with quantizer_mode(containers, "observe"), torch.no_grad():
+        for args, kwargs in tqdm(ctx.batches, desc="vote PTS", disable=not ctx.progress):
+            gm(*args, **kwargs)
     distributed.sync_votes([q.observer for q in quantizers])  # no-op in one process
     for q in quantizers:
         q.observer.finish_voting()
 
 
-#: what DMQ's presets need: LES scale nodes, PTS quantizers on the skip layers
-DMQ_PREPARE_FLAGS = {"les": True, "pts": "skip"}
-STAGES["vote_pts"] = vote_pts
-PRESETS.update(
-    {
-        "pts": ("observe_activations", "vote_pts", "observe_weights"),
-        "dmq": ("learn_les", "observe_activations", "vote_pts", "observe_weights", "adaround"),
-        "dmq-paper": (
-            "learn_les_paper",
-            "observe_activations",
-            "vote_pts",
-            "observe_weights",
-            "adaround_paper",
-        ),
-    }
-)
-PREPARE_FLAGS.update(
-    {"pts": {"pts": "skip"}, "dmq": DMQ_PREPARE_FLAGS, "dmq-paper": DMQ_PREPARE_FLAGS}
-)
+VOTE_PTS = FunctionStage("vote_pts", vote_pts)

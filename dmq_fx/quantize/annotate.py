@@ -16,7 +16,7 @@ from torch.ao.quantization.observer import ObserverBase
 from torch.nn.utils.parametrize import type_before_parametrizations
 
 from dmq_fx.errors import ConfigError
-from dmq_fx.graph.meta import ANNOTATION_KEY, LayerQuantSpec
+from dmq_fx.graph.meta import ANNOTATION_KEY, LayerQuantSpec, graph_state
 from dmq_fx.graph.skip_connections import skip_connection_layers
 from dmq_fx.quantize.qconfig import qconfig_for_module
 
@@ -102,7 +102,7 @@ def annotate_quantization(
     ``timestep_tables``: every layer's activation qparams become a table over the calibrated
     timesteps (the graph must take a ``timestep`` input).
     """
-    if timestep_tables and "timestep" not in gm.meta.get("dmq_fx", {}).get("input_names", []):
+    if timestep_tables and "timestep" not in graph_state(gm).input_names:
         raise ConfigError(
             "timestep_tables=True selects activation qparams by the 'timestep' input, but the "
             "traced model takes none"
@@ -141,14 +141,12 @@ def annotate_quantization(
         groups: tuple[int, ...] = (
             mod.in_channels if isinstance(mod, torch.nn.Conv2d) else mod.in_features,
         )
-        rewrites = []
+        split = False
         parts = _concat_inputs(inp) if isinstance(mod, torch.nn.Conv2d) else None
         if split_concat_inputs and parts is not None and mod.groups == 1:
             groups = tuple(p.meta["tensor_meta"].shape[1] for p in parts)
-            rewrites.append("split")
+            split = True
         with_pts = isinstance(mod, torch.nn.Conv2d) and (pts == "all" or node in skip_layers)
-        if with_pts:
-            rewrites.append("pts")
         node.meta[ANNOTATION_KEY] = LayerQuantSpec(
             qconfig=qconfig,
             module_type=mtype.__name__,
@@ -156,11 +154,9 @@ def annotate_quantization(
             weight_qscheme=weight.qscheme,
             act_bits=_bits(act.quant_min, act.quant_max),
             input_groups=groups,
-            rewrites=rewrites,
+            split=split,
             les_owner=les_owners.setdefault(inp, node.target) if les else None,
             pts=dict(options) if with_pts else None,
             timestep_table=timestep_tables,
         )
-        if timestep_tables:
-            node.meta[ANNOTATION_KEY].rewrites.append("t-table")
     return gm

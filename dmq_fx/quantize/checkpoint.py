@@ -14,7 +14,7 @@ they depend on is restored exactly, so the result is bit-identical to an uninter
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -27,26 +27,14 @@ from safetensors.torch import load_file, save_file
 from torch import fx
 
 from dmq_fx.errors import CalibrationError
-from dmq_fx.workflow.serialization import assign_state, learned_state
+from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.quantize import distributed
+from dmq_fx.quantize.stage import UnitProgress
+from dmq_fx.quantize.state import assign_state, learned_state
 
-__all__ = ["CalibrationCheckpoint", "UnitProgress", "unit_progress"]
+__all__ = ["CalibrationCheckpoint"]
 
 FORMAT = "dmq_fx.calibration-checkpoint/2"
-
-
-@dataclasses.dataclass
-class UnitProgress:
-    """Handed to a unit-wise stage through ``gm.meta``: skip units before ``start``; call
-    ``done(index, layer_nodes)`` after each finished unit."""
-
-    start: int = 0
-    done: Callable[[int, Sequence[fx.Node]], None] = lambda index, layers: None
-
-
-def unit_progress(gm: fx.GraphModule) -> UnitProgress:
-    """The :class:`UnitProgress` of the running ``calibrate`` call (a no-op one without a
-    checkpoint folder)."""
-    return gm.meta.get("dmq_fx", {}).get("unit_progress") or UnitProgress()
 
 
 def _data_digest(stage_names: Sequence[str], batches: Sequence) -> str:
@@ -64,8 +52,6 @@ def _data_digest(stage_names: Sequence[str], batches: Sequence) -> str:
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write to a temporary name, then rename; with torch.distributed rank 0 writes and the
     others wait for it."""
-    from dmq_fx.quantize import distributed
-
     if distributed.is_writer():
         tmp = path.with_name(path.name + ".tmp")
         write(str(tmp))
@@ -116,15 +102,12 @@ class CalibrationCheckpoint:
             assign_state(gm, tensors)
             with safe_open(str(path), "pt") as f:  # the layers the stages marked "adaround"
                 marked = set(json.loads(f.metadata()["adaround"]))
-            for node in _layer_nodes(gm):
-                rewrites = node.meta["dmq_fx"].rewrites
-                if str(node.target) in marked and "adaround" not in rewrites:
-                    rewrites.append("adaround")
+            for node in quantized_layer_nodes(gm):
+                if str(node.target) in marked:
+                    node.meta["dmq_fx"].adaround = True
 
     def _write(self, path: Path, tensors: dict, gm: fx.GraphModule) -> None:
-        marked = [
-            str(n.target) for n in _layer_nodes(gm) if "adaround" in n.meta["dmq_fx"].rewrites
-        ]
+        marked = [str(n.target) for n in quantized_layer_nodes(gm) if n.meta["dmq_fx"].adaround]
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         meta = {"format": FORMAT, "adaround": json.dumps(marked)}
         _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -143,8 +126,6 @@ class CalibrationCheckpoint:
     def stage_done(self, stage: int, gm: fx.GraphModule) -> None:
         self._write(self.folder / f"stage_{stage}.safetensors", learned_state(gm), gm)
         self._set_progress(stage + 1, 0)
-        from dmq_fx.quantize import distributed
-
         if distributed.is_writer():
             for path in self.folder.glob(f"stage_{stage}_unit_*.safetensors"):
                 path.unlink()
@@ -153,8 +134,7 @@ class CalibrationCheckpoint:
                 previous.unlink()
         distributed.barrier()
 
-
-def _layer_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    from dmq_fx.graph.meta import quantized_layer_nodes
-
-    return quantized_layer_nodes(gm)
+    def unit_progress(self, stage: int, gm: fx.GraphModule) -> UnitProgress:
+        """What stage ``stage`` of this calibration gets as ``ctx.resume``."""
+        start = self.start_unit if stage == self.start_stage else 0
+        return UnitProgress(start, functools.partial(self.unit_done, stage, gm))

@@ -19,10 +19,16 @@ initialised process group (or with one rank) every function here does nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dmq_fx.errors import ConfigError
+from dmq_fx.observers import TimestepTableFakeQuantize
 
 __all__ = [
     "active",
@@ -32,29 +38,45 @@ __all__ = [
     "is_writer",
     "sync_activation_ranges",
     "sync_votes",
+    "use_group",
 ]
+
+# the process group of the running calibrate() call (None: the default group); a context
+# variable, so that two calibrations in two threads do not see each other's group
+_GROUP: contextvars.ContextVar[Any] = contextvars.ContextVar("dmq_fx_process_group", default=None)
+
+
+@contextlib.contextmanager
+def use_group(group: Any) -> Iterator[None]:
+    """Combine over ``group`` (a ``torch.distributed`` process group; None: the default one)
+    inside the ``with`` block."""
+    token = _GROUP.set(group)
+    try:
+        yield
+    finally:
+        _GROUP.reset(token)
 
 
 def active() -> bool:
     """True inside an initialised process group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(_GROUP.get()) > 1
 
 
 def is_writer() -> bool:
     """True on the rank that writes files (rank 0, or the only process)."""
-    return not active() or dist.get_rank() == 0
+    return not active() or dist.get_rank(_GROUP.get()) == 0
 
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        dist.barrier(group=_GROUP.get())
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In place over the ranks: ``op`` is ``"sum"``, ``"min"`` or ``"max"``."""
     if active():
         reduce_op = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-        dist.all_reduce(tensor, op=reduce_op[op])
+        dist.all_reduce(tensor, op=reduce_op[op], group=_GROUP.get())
     return tensor
 
 
@@ -62,10 +84,10 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
     """Replace each parameter's gradient by its mean over the ranks."""
     if not active():
         return
-    world = dist.get_world_size()
+    world = dist.get_world_size(_GROUP.get())
     for p in params:
         if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=_GROUP.get())
             p.grad /= world
 
 
@@ -74,9 +96,6 @@ def sync_activation_ranges(quantizers: Iterable) -> None:
     from the combined range."""
     if not active():
         return
-    from dmq_fx.errors import ConfigError
-    from dmq_fx.observers import TimestepTableFakeQuantize
-
     for q in quantizers:
         if isinstance(q, TimestepTableFakeQuantize):
             raise ConfigError(

@@ -11,6 +11,7 @@ from torch import fx
 from torch.ao.quantization import QConfigMapping
 
 from dmq_fx.errors import ConfigError
+from dmq_fx.graph.meta import graph_state
 from dmq_fx.graph.tracing import trace
 from dmq_fx.passes import insert_les_scales, insert_quantizers
 from dmq_fx.quantize.annotate import annotate_quantization
@@ -54,13 +55,12 @@ def prepare_fx(
             f"qconfig_mapping must be a torch.ao QConfigMapping, got "
             f"{type(qconfig_mapping).__name__}"
         )
-    is_traced = isinstance(model, fx.GraphModule) and "model_class" in model.meta.get("dmq_fx", {})
-    if is_traced and model.meta["dmq_fx"].get("state") is not None:
+    traced = graph_state(model)
+    if traced is not None and traced.state is not None:
         raise ConfigError(
-            f"model is already {model.meta['dmq_fx']['state']}; prepare the float "
-            f"model or its dmq_fx.trace graph"
+            f"model is already {traced.state}; prepare the float model or its dmq_fx.trace graph"
         )
-    if is_traced:
+    if traced is not None:
         gm = copy.deepcopy(model)
         gm.meta = copy.deepcopy(model.meta)
     else:
@@ -77,13 +77,14 @@ def prepare_fx(
     insert_quantizers(gm)
     if les:
         insert_les_scales(gm)
-    gm.meta["dmq_fx"]["prepare"] = {  # recorded for dmq_fx.save / load
+    record = graph_state(gm)
+    record.prepare_flags = {  # recorded for dmq_fx.save / load
         "split_concat_inputs": split_concat_inputs,
         "les": les,
         "pts": pts,
         "pts_options": pts_options,
         "timestep_tables": timestep_tables,
     }
-    gm.meta["dmq_fx"]["state"] = "prepared"
-    gm.meta["dmq_fx"]["stages_run"] = []
+    record.state = "prepared"
+    record.stages_run = []
     return gm

@@ -18,9 +18,10 @@ from torch import fx
 
 from dmq_fx.errors import ConfigError
 from dmq_fx.lowering.convert import BACKENDS, convert_fx
-from dmq_fx.quantize.calibrate import PREPARE_FLAGS, PRESETS, calibrate
+from dmq_fx.methods.presets import PREPARE_FLAGS, PRESETS
 from dmq_fx.quantize.prepare import prepare_fx
 from dmq_fx.quantize.qconfig import check_bits, get_default_qconfig_mapping
+from dmq_fx.workflow.calibrate import calibrate
 from dmq_fx.workflow.calibration_data import (
     CalibrationData,
     collect_calibration_data,

@@ -37,7 +37,7 @@ except ImportError as e:  # pragma: no cover - exercised where torchao is missin
 
 from dmq_fx.errors import ConfigError
 from dmq_fx.graph.meta import quantized_layer_nodes
-from dmq_fx.lowering.convert import _integer_weights
+from dmq_fx.lowering.convert import integer_weights
 from dmq_fx.observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
 from dmq_fx.passes import input_quantizer_name
 from dmq_fx.passes import weight_quantizer as weight_quantizer_of
@@ -225,7 +225,7 @@ def prepare_float_model(
             continue
         layer = calibrated.get_submodule(name)
         # the integers convert_fx stores (learned rounding or round-to-nearest), dequantized
-        (q, scale, zp), *_ = _integer_weights(layer, node.meta["dmq_fx"])[0]
+        (q, scale, zp), *_ = integer_weights(layer, node.meta["dmq_fx"])[0]
         shape = (-1, *([1] * (q.dim() - 1)))
         deq = (q.float() - zp.float().reshape(shape)) * scale.float().reshape(shape)
         target = model.get_submodule(name)

@@ -26,7 +26,7 @@ from dmq_fx.errors import CalibrationError
 from dmq_fx.graph.units import capture_unit_inputs, reconstruction_units, unit_graph
 from dmq_fx.observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
 from dmq_fx.passes import les_scale_name
-from dmq_fx.quantize.calibrate import all_float, layer_quantizers
+from dmq_fx.quantize.modes import layer_quantizers, quantizer_mode
 from dmq_fx.workflow.calibration_data import CalibrationData
 from dmq_fx.workflow.serialization import calibrated_graph
 
@@ -174,7 +174,7 @@ def report(
         groups.append((int(t), list(batch)))
     per_timestep, layers = [], []
     units = reconstruction_units(gm, block_types=())
-    with all_float(gm):
+    with quantizer_mode(gm, "float"):
         for unit in tqdm(units, desc="report", unit="layer", disable=not progress):
             node = unit.layers[0]
             sub, inputs, _ = unit_graph(gm, unit)

@@ -14,7 +14,6 @@ graph, bit-identical outputs.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,51 +22,25 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import fx
 from torch.ao.quantization import QConfigMapping
-from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from dmq_fx.errors import ConfigError, LoadError
-from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.graph.meta import GraphState, graph_state, quantized_layer_nodes
 from dmq_fx.graph.model_identity import model_config, weights_fingerprint
-from dmq_fx.observers import TimestepTableFakeQuantize
-from dmq_fx.passes import GroupedWeightFakeQuantize, LESScale
+from dmq_fx.lowering.convert import convert_fx
+from dmq_fx.quantize.modes import set_quantizer_mode
+from dmq_fx.quantize.prepare import prepare_fx
+from dmq_fx.quantize.qconfig import get_default_qconfig
+from dmq_fx.quantize.state import (
+    assign_state,
+    grow_tables,
+    layer_record,
+    learned_state,
+    saved_settings,
+)
 
-__all__ = ["FORMAT", "calibrated_graph", "learned_state", "load", "save"]
+__all__ = ["FORMAT", "calibrated_graph", "load", "save"]
 
 FORMAT = "dmq_fx.quantized/2"
-_STATE_TYPES = (FakeQuantizeBase, GroupedWeightFakeQuantize, LESScale)
-
-
-def learned_state(
-    prepared: fx.GraphModule, modules: Callable[[str], bool] | None = None
-) -> dict[str, torch.Tensor]:
-    """Copies of the tensors calibration sets in a prepared graph: the state of every
-    quantizer and LES scale module (the float weights excluded); ``modules``, if given, picks
-    the modules by qualified name."""
-    out: dict[str, torch.Tensor] = {}
-    roots: list[str] = []
-    for name, module in prepared.named_modules():
-        if isinstance(module, _STATE_TYPES) and not any(name.startswith(r + ".") for r in roots):
-            roots.append(name)
-            if modules is not None and not modules(name):
-                continue
-            for key, value in module.state_dict(prefix=f"{name}.").items():
-                out[key] = value.detach().clone()
-    return out
-
-
-def _layer_record(node: fx.Node) -> dict:
-    spec = node.meta["dmq_fx"]
-    return {
-        "weight_bits": spec.weight_bits,
-        "act_bits": spec.act_bits,
-        "weight_qscheme": str(spec.weight_qscheme),
-        "input_groups": list(spec.input_groups),
-        "rewrites": [r for r in spec.rewrites if r == "adaround"],
-        "observers": [
-            type(spec.qconfig.activation()).__name__,
-            type(spec.qconfig.weight()).__name__,
-        ],
-    }
 
 
 def save(graph: fx.GraphModule, path: str | Path) -> None:
@@ -77,15 +50,13 @@ def save(graph: fx.GraphModule, path: str | Path) -> None:
     :func:`dmq_fx.convert_fx`. The float model's class, config and weight fingerprint (recorded
     by :func:`dmq_fx.trace`) go with it, so that :func:`load` refuses another model.
     """
-    meta = graph.meta.get("dmq_fx", {}) if isinstance(graph, fx.GraphModule) else {}
-    state = meta.get("state")
+    meta = graph_state(graph)
+    state = meta.state if meta is not None else None
     if state == "calibrated":
         tensors, record, backend = learned_state(graph), saved_settings(graph), None
-    elif state == "converted" and "source" in meta:
-        tensors, record = meta["source"]["state"], meta["source"]["record"]
-        backend = meta["source"]["backend"]
-        if isinstance(record, Exception):
-            raise record
+    elif state == "converted" and meta.converted_from is not None:
+        tensors, record = meta.converted_from.state, _converted_record(meta)
+        backend = meta.converted_from.backend
     else:
         raise ConfigError(
             "save() needs a calibrated graph (dmq_fx.calibrate) or its convert_fx result, got "
@@ -97,9 +68,9 @@ def save(graph: fx.GraphModule, path: str | Path) -> None:
 
     config = {
         "format": FORMAT,
-        "model_class": meta["model_class"],
-        "model_config": meta["model_config"],
-        "weights_fingerprint": meta["weights_fingerprint"],
+        "model_class": meta.model_class,
+        "model_config": meta.model_config,
+        "weights_fingerprint": meta.weights_fingerprint,
         "backend": backend,
         "versions": {
             "dmq_fx": __version__,
@@ -110,25 +81,6 @@ def save(graph: fx.GraphModule, path: str | Path) -> None:
     }
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     save_file(tensors, str(path), metadata={"format": FORMAT, "config": json.dumps(config)})
-
-
-def saved_settings(prepared: fx.GraphModule) -> dict:
-    """The settings :func:`save` records for a prepared or calibrated graph (JSON values)."""
-    meta = prepared.meta["dmq_fx"]
-    if any(k not in meta for k in ("prepare", "example_spec", "weights_fingerprint")):
-        raise ConfigError("save() needs a graph made by dmq_fx.prepare_fx from this version")
-    odd = [k for k, v in meta["example_spec"].items() if "unsupported" in v]
-    if odd:
-        raise ConfigError(
-            f"save() records the example inputs to re-trace the model; input {odd[0]!r} is a "
-            f"{meta['example_spec'][odd[0]]['unsupported']} (tensors, numbers, strings, None only)"
-        )
-    return {
-        "example_spec": meta["example_spec"],
-        "prepare": meta["prepare"],
-        "stages_run": list(meta.get("stages_run", [])),
-        "layers": {str(n.target): _layer_record(n) for n in quantized_layer_nodes(prepared)},
-    }
 
 
 def _example_inputs(spec: dict) -> dict[str, Any]:
@@ -159,39 +111,6 @@ def _read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, tensors
 
 
-def grow_tables(prepared: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
-    """Give each per-timestep table of ``prepared`` the entries of the saved timesteps (its
-    ``.grid`` in ``tensors``), so that the saved entry states have modules to go to."""
-    for key in sorted(tensors):
-        if key.endswith(".grid"):
-            table = prepared.get_submodule(key[: -len(".grid")])
-            if isinstance(table, TimestepTableFakeQuantize):
-                for t in tensors[key].tolist():
-                    table._entry_for(float(t))
-
-
-def assign_state(prepared: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
-    """Put saved quantizer / LES tensors into ``prepared`` (buffers that change shape, such as
-    PTS exponents or learned roundings, are replaced)."""
-    grow_tables(prepared, tensors)
-    for key, value in tensors.items():
-        _assign(prepared, key, value)
-
-
-def _assign(gm: fx.GraphModule, key: str, value: torch.Tensor) -> None:
-    owner, _, attr = key.rpartition(".")
-    try:
-        module = gm.get_submodule(owner)
-    except AttributeError as e:
-        raise LoadError(f"saved tensor {key!r} has no module in the rebuilt graph") from e
-    if attr in module._parameters:
-        module._parameters[attr].data = value.clone()
-    elif attr in module._buffers:
-        module._buffers[attr] = value.clone()
-    else:
-        raise LoadError(f"saved tensor {key!r} matches no buffer or parameter of {owner!r}")
-
-
 def load(
     path: str | Path,
     float_model: torch.nn.Module,
@@ -206,7 +125,6 @@ def load(
     file of another format or version, a corrupted file, or a ``float_model`` of another class,
     config or weights. ``float_model`` is not modified.
     """
-    from dmq_fx.lowering.convert import convert_fx
 
     config, tensors = _read(path)
     prepared = _rebuild(config, tensors, float_model, qconfig_mapping, str(path))
@@ -218,24 +136,30 @@ def load(
 def calibrated_graph(graph: fx.GraphModule, float_model: torch.nn.Module) -> fx.GraphModule:
     """The calibrated (fake-quant) graph behind ``graph``: ``graph`` itself when calibrated,
     rebuilt on ``float_model`` from what :func:`dmq_fx.convert_fx` kept when converted."""
-    meta = graph.meta.get("dmq_fx", {}) if isinstance(graph, fx.GraphModule) else {}
-    if meta.get("state") == "calibrated":
+    meta = graph_state(graph)
+    state = meta.state if meta is not None else None
+    if state == "calibrated":
         return graph
-    if meta.get("state") == "converted" and "source" in meta:
-        record = meta["source"]["record"]
-        if isinstance(record, Exception):
-            raise record
+    if state == "converted" and meta.converted_from is not None:
         config = {
-            **record,
-            "model_class": meta["model_class"],
-            "model_config": meta["model_config"],
-            "weights_fingerprint": meta["weights_fingerprint"],
+            **_converted_record(meta),
+            "model_class": meta.model_class,
+            "model_config": meta.model_config,
+            "weights_fingerprint": meta.weights_fingerprint,
         }
-        return _rebuild(config, meta["source"]["state"], float_model, None, "the graph")
+        return _rebuild(config, meta.converted_from.state, float_model, None, "the graph")
     raise ConfigError(
         "expected a calibrated graph or its convert_fx result, got "
-        + (f"a {meta['state']} graph" if meta.get("state") else type(graph).__name__)
+        + (f"a {state} graph" if state else type(graph).__name__)
     )
+
+
+def _converted_record(meta: GraphState) -> dict:
+    """The settings record a converted graph kept; ConfigError if save() could not describe
+    the calibrated graph it came from."""
+    if meta.converted_from.record is None:
+        raise ConfigError(meta.converted_from.record_error)
+    return meta.converted_from.record
 
 
 def _rebuild(
@@ -246,9 +170,6 @@ def _rebuild(
     path: str,
 ) -> fx.GraphModule:
     """The calibrated graph described by ``config`` and ``tensors``, on ``float_model``."""
-    from dmq_fx.quantize.calibrate import _enable_simulation
-    from dmq_fx.quantize.prepare import prepare_fx
-    from dmq_fx.quantize.qconfig import get_default_qconfig
 
     model_class = f"{type(float_model).__module__}.{type(float_model).__qualname__}"
     if model_class != config["model_class"]:
@@ -280,7 +201,7 @@ def _rebuild(
             f"{sorted(set(rebuilt) - set(layers))[:3]}); pass the qconfig_mapping it was made with"
         )
     for name, node in rebuilt.items():
-        mine = _layer_record(node)
+        mine = layer_record(node)
         saved = layers[name]
         if any(mine[k] != saved[k] for k in ("weight_bits", "act_bits", "observers")):
             raise LoadError(
@@ -289,13 +210,14 @@ def _rebuild(
                 f"at w{mine['weight_bits']}a{mine['act_bits']}: pass the qconfig_mapping it was "
                 "made with"
             )
-        node.meta["dmq_fx"].rewrites += [r for r in saved["rewrites"] if r not in mine["rewrites"]]
+        node.meta["dmq_fx"].adaround = "adaround" in saved["rewrites"]
     grow_tables(prepared, tensors)
     missing = sorted(set(learned_state(prepared)) - set(tensors))
     if missing:  # (extra keys, e.g. learned roundings, must name a buffer: _assign checks)
         raise LoadError(f"{path}: its tensors do not fit the rebuilt graph (lacks {missing[:3]})")
     assign_state(prepared, tensors)
-    _enable_simulation(prepared)
-    prepared.meta["dmq_fx"]["state"] = "calibrated"
-    prepared.meta["dmq_fx"]["stages_run"] = list(config["stages_run"])
+    set_quantizer_mode(prepared, "simulate")
+    record = graph_state(prepared)
+    record.state = "calibrated"
+    record.stages_run = list(config["stages_run"])
     return prepared

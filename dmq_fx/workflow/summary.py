@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from dmq_fx.graph.meta import LayerQuantSpec, quantized_layer_nodes
+from dmq_fx.graph.meta import LayerQuantSpec, graph_state, quantized_layer_nodes
 from dmq_fx.lowering.quantized_modules import QuantizedLayer
 from dmq_fx.passes import input_quantizer_name, les_scale_name, weight_quantizer
 
@@ -75,8 +75,8 @@ def summary(gm: fx.GraphModule, print_table: bool = False) -> QuantSummary:
     ``adaround``; ``t-table`` (per-timestep activation qparams: act_scale / act_zp then range
     over the timesteps)).
     """
-    meta = gm.meta.get("dmq_fx", {})
-    state = meta.get("state", "traced")
+    meta = graph_state(gm)
+    state = (meta.state if meta is not None else None) or "traced"
     rows = []
     for node in quantized_layer_nodes(gm):
         spec: LayerQuantSpec = node.meta["dmq_fx"]
@@ -124,10 +124,10 @@ def summary(gm: fx.GraphModule, print_table: bool = False) -> QuantSummary:
         and isinstance(gm.get_submodule(n.target), (torch.nn.Conv2d, torch.nn.Linear))
     ]
     header = {"state": state, "quantized layers": len(rows), "float conv/linear": len(layers)}
-    if "backend" in meta:
-        header["backend"] = meta["backend"]
-    if meta.get("stages_run"):
-        header["stages"] = " > ".join(meta["stages_run"])
+    if meta is not None and meta.backend is not None:
+        header["backend"] = meta.backend
+    if meta is not None and meta.stages_run:
+        header["stages"] = " > ".join(meta.stages_run)
     result = QuantSummary(header, rows)
     if print_table:
         print(result)

@@ -1,0 +1,107 @@
+"""The learned state of a prepared graph: what calibration sets, and the settings it ran with.
+
+Save, the calibration checkpoints and ``convert_fx`` all read it; load and resume write it back.
+The float weights are never part of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import fx
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+from dmq_fx.errors import ConfigError, LoadError
+from dmq_fx.graph.meta import graph_state, quantized_layer_nodes
+from dmq_fx.observers import TimestepTableFakeQuantize
+from dmq_fx.passes import GroupedWeightFakeQuantize, LESScale
+
+__all__ = ["assign_state", "grow_tables", "layer_record", "learned_state", "saved_settings"]
+
+_STATE_TYPES = (FakeQuantizeBase, GroupedWeightFakeQuantize, LESScale)
+
+
+def learned_state(
+    prepared: fx.GraphModule, modules: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """Copies of the tensors calibration sets in a prepared graph: the state of every
+    quantizer and LES scale module (the float weights excluded); ``modules``, if given, picks
+    the modules by qualified name."""
+    out: dict[str, torch.Tensor] = {}
+    roots: list[str] = []
+    for name, module in prepared.named_modules():
+        if isinstance(module, _STATE_TYPES) and not any(name.startswith(r + ".") for r in roots):
+            roots.append(name)
+            if modules is not None and not modules(name):
+                continue
+            for key, value in module.state_dict(prefix=f"{name}.").items():
+                out[key] = value.detach().clone()
+    return out
+
+
+def layer_record(node: fx.Node) -> dict:
+    spec = node.meta["dmq_fx"]
+    return {
+        "weight_bits": spec.weight_bits,
+        "act_bits": spec.act_bits,
+        "weight_qscheme": str(spec.weight_qscheme),
+        "input_groups": list(spec.input_groups),
+        "rewrites": ["adaround"] if spec.adaround else [],  # (the file format's name)
+        "observers": [
+            type(spec.qconfig.activation()).__name__,
+            type(spec.qconfig.weight()).__name__,
+        ],
+    }
+
+
+def saved_settings(prepared: fx.GraphModule) -> dict:
+    """The settings :func:`save` records for a prepared or calibrated graph (JSON values)."""
+    meta = graph_state(prepared)
+    if meta is None or meta.prepare_flags is None:
+        raise ConfigError("save() needs a graph made by dmq_fx.prepare_fx from this version")
+    odd = [k for k, v in meta.example_spec.items() if "unsupported" in v]
+    if odd:
+        raise ConfigError(
+            f"save() records the example inputs to re-trace the model; input {odd[0]!r} is a "
+            f"{meta.example_spec[odd[0]]['unsupported']} (tensors, numbers, strings, None only)"
+        )
+    return {
+        "example_spec": meta.example_spec,
+        "prepare": meta.prepare_flags,
+        "stages_run": list(meta.stages_run),
+        "layers": {str(n.target): layer_record(n) for n in quantized_layer_nodes(prepared)},
+    }
+
+
+def grow_tables(prepared: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
+    """Give each per-timestep table of ``prepared`` the entries of the saved timesteps (its
+    ``.grid`` in ``tensors``), so that the saved entry states have modules to go to."""
+    for key in sorted(tensors):
+        if key.endswith(".grid"):
+            table = prepared.get_submodule(key[: -len(".grid")])
+            if isinstance(table, TimestepTableFakeQuantize):
+                for t in tensors[key].tolist():
+                    table._entry_for(float(t))
+
+
+def assign_state(prepared: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
+    """Put saved quantizer / LES tensors into ``prepared`` (buffers that change shape, such as
+    PTS exponents or learned roundings, are replaced)."""
+    grow_tables(prepared, tensors)
+    for key, value in tensors.items():
+        _assign(prepared, key, value)
+
+
+def _assign(gm: fx.GraphModule, key: str, value: torch.Tensor) -> None:
+    owner, _, attr = key.rpartition(".")
+    try:
+        module = gm.get_submodule(owner)
+    except AttributeError as e:
+        raise LoadError(f"saved tensor {key!r} has no module in the rebuilt graph") from e
+    if attr in module._parameters:
+        module._parameters[attr].data = value.clone()
+    elif attr in module._buffers:
+        module._buffers[attr] = value.clone()
+    else:
+        raise LoadError(f"saved tensor {key!r} matches no buffer or parameter of {owner!r}")
