@@ -134,8 +134,9 @@ TDAC_LAMBDA = 1.0
 
 
 class CalibrationSets:
-    """A model's calibration sets: the uniform one (``per_step`` samples at every step, SPEC
-    1.5) and TDAC selections of the same total size (SPEC 2.1), made on first use."""
+    """A model's calibration sets: the uniform one (``per_step`` samples at every step,
+    docs/workflow/calibration_data.md) and TDAC selections of the same total size
+    (docs/methods/eda_dm.md), made on first use."""
 
     def __init__(self, ref: ReferenceModel, per_step: int):
         self.ref, self.per_step = ref, per_step

@@ -1,4 +1,4 @@
-"""How TDAC's density radius meets the reference models' features (SPEC 2.1).
+"""How TDAC's density radius meets the reference models' features (docs/methods/eda_dm.md).
 
     python benchmarks/tdac_features.py [--model fashion28] [--n 64] [--radius 3.0 0.3]
 

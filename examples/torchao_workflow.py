@@ -45,7 +45,8 @@ from dmq_fx.workflow.calibration_data import collect_calibration_data
 
 
 def torchao_mapping(graph: torch.fx.GraphModule, bits: int = 8) -> QConfigMapping:
-    """torch.ao mapping with dmq_fx observers: conv / linear quantized, SPEC 1.1's float layers
+    """torch.ao mapping with dmq_fx observers: conv / linear quantized, DMQ's float layers
+    (docs/methods/quantizers.md)
     kept float, PTS voting observers on the skip-connection convs."""
     qconfig = dmq_fx.get_default_qconfig(bits, bits)
     mapping = QConfigMapping()  # no global qconfig: adds, cats, the timestep path stay float

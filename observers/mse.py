@@ -7,7 +7,8 @@ from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
 
 class MSEGridSearchPerChannelObserver(PerChannelMinMaxObserver):
-    """Per-channel observer whose range is the best of a shrinking grid (SPEC 1.1).
+    """Per-channel observer whose range is the best of a shrinking grid
+    (docs/methods/quantizers.md).
 
     Candidate ``i`` (``i = 0 .. num_candidates - 1``) is the range ``[min * (1 - shrink * i),
     max * (1 - shrink * i)]`` of each channel; the candidate with the least mean ``|Q(w) - w|^p``

@@ -1,4 +1,4 @@
-"""Channel-wise power-of-two activation scales (PTS) chosen by voting (SPEC 1.4)."""
+"""Channel-wise power-of-two activation scales (PTS) chosen by voting (docs/methods/pts.md)."""
 
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ class PowerOfTwoVotingObserver(MovingAverageMinMaxObserver):
     ``s * 2^(j - max_shift)`` quantizes that channel with the least squared error (ties go to the
     coarser step). ``selection="vote"``: a channel adopts the most voted candidate when at least
     ``kappa`` of the samples agree, else it keeps ``s`` (``j = max_shift``). ``selection="mse"``:
-    the candidate with the least error summed over all samples (the ablation of SPEC 1.4).
+    the candidate with the least error summed over all samples (the ablation of
+    docs/methods/pts.md).
     ``exponents`` holds ``j`` per channel (all ``max_shift`` until votes are counted).
     """
 

@@ -1,4 +1,5 @@
-"""Per-timestep activation quantization parameters (SPEC 1.1: one set per sampling step)."""
+"""Per-timestep activation quantization parameters (docs/methods/quantizers.md: one set per
+sampling step)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ ALLOWED = {
         "dmq_fx.lowering",
     },
 }
-LEAVES = {"dmq_fx.errors", "dmq_fx.version"}
+LEAVES = {"dmq_fx.errors", "dmq_fx.metrics", "dmq_fx.version"}
 
 
 def _modules() -> dict[str, Path]:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from dmq_fx.metrics import sqnr_db
+
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = [
@@ -110,15 +112,6 @@ def frechet_distance(
         for start in range(0, len(images), batch_size):
             metric.update(images[start : start + batch_size], real=is_real)
     return float(metric.compute())
-
-
-def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio ``10 log10(sum ref^2 / sum (test - ref)^2)`` in dB."""
-    noise = (test.double() - reference.double()).pow(2).sum()
-    signal = reference.double().pow(2).sum()
-    if noise == 0:
-        return math.inf
-    return float(10 * torch.log10(signal / noise))
 
 
 def psnr_db(reference: torch.Tensor, test: torch.Tensor, data_range: float = 2.0) -> float:

@@ -1,4 +1,4 @@
-"""Finding the skip-connection layers of a UNet graph by structure (SPEC 1.4)."""
+"""Finding the skip-connection layers of a UNet graph by structure (docs/methods/pts.md)."""
 
 from __future__ import annotations
 

@@ -430,6 +430,8 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
     layers = [prepared.get_submodule(n.target) for n in quantized_layer_nodes(prepared)]
     gm = copy.deepcopy(prepared, {id(layer): layer for layer in layers})
     gm.meta = copy.deepcopy(prepared.meta)
+    for node in quantized_layer_nodes(gm):  # (fx's graph copy shares node.meta's values)
+        node.meta["dmq_fx"] = dataclasses.replace(node.meta["dmq_fx"])
     les_owners = {n.meta["dmq_fx"].les_owner for n in quantized_layer_nodes(gm)} - {None}
     _fold_les_into_norms(gm)
     for node in quantized_layer_nodes(gm):

@@ -1,4 +1,4 @@
-"""AdaRound: learned weight rounding, block by block (SPEC 1.2, last bullet).
+"""AdaRound: learned weight rounding, block by block (docs/methods/adaround.md).
 
 After the weight qparams are fixed (``observe_weights`` on ``tau * W`` when LES is on), each
 reconstruction unit (:mod:`dmq_fx.blocks`: resnet and transformer blocks, lone layers on their

@@ -1,4 +1,4 @@
-"""EDA-DM's fine-grained block reconstruction (FBR, SPEC 2.2) as a calibration stage.
+"""EDA-DM's fine-grained block reconstruction (FBR, docs/methods/eda_dm.md) as a calibration stage.
 
 Block by block in graph order (the units of :mod:`dmq_fx.blocks`: resnet blocks, attention and
 transformer blocks, lone layers on their own), with the units before it already quantized:

@@ -1,4 +1,4 @@
-"""Calibration stages that set the LES vectors ``tau`` (SPEC 1.2, 1.3).
+"""Calibration stages that set the LES vectors ``tau`` (docs/methods/les.md).
 
 - :class:`LearnLES` (stage ``"learn_les"``; ``"learn_les_paper"`` for the paper's budget): learns
   each LES unit's ``tau`` on the FP model's own layer inputs and outputs, with only that unit
@@ -55,7 +55,8 @@ __all__ = [
 
 
 def adaptive_timestep_weights(running_loss: torch.Tensor, r: float = 20.0) -> torch.Tensor:
-    """DMQ's lambda_t = (1 - Lambda_t / sum Lambda)^r (SPEC 1.3); all ones while sum is 0.
+    """DMQ's lambda_t = (1 - Lambda_t / sum Lambda)^r (docs/methods/les.md); all ones while sum is
+    0.
 
     Steps holding a large share of the current loss are weighted down: shares of 2, 5, 10, 20%
     give 0.668, 0.358, 0.122, 0.0115 at r = 20.
@@ -250,7 +251,7 @@ def _require_les(gm: fx.GraphModule, stage: str) -> dict[str, list[fx.Node]]:
 
 @dataclasses.dataclass
 class LearnLES:
-    """Stage that learns each LES unit's ``tau`` (SPEC 1.2 with 1.3's timestep weighting).
+    """Stage that learns each LES unit's ``tau`` (docs/methods/les.md, with its timestep weighting).
 
     For every unit (the layers sharing one ``tau``), in graph order: capture the unit's FP
     inputs over the calibration batches (up to ``max_samples``), then run ``iterations`` steps

@@ -1,4 +1,5 @@
-"""Calibration stage that chooses the power-of-two channel steps of PTS layers (SPEC 1.4).
+"""Calibration stage that chooses the power-of-two channel steps of PTS layers
+(docs/methods/pts.md).
 
 Layers prepared with ``prepare_fx(..., pts="skip")`` (or ``"all"``) have
 :class:`~dmq_fx.observers.PowerOfTwoFakeQuantize` input quantizers. ``vote_pts`` runs the

@@ -1,4 +1,5 @@
-"""EDA-DM's calibration-sample selection (TDAC, SPEC 2.1): the arithmetic and the feature.
+"""EDA-DM's calibration-sample selection (TDAC, docs/methods/eda_dm.md): the arithmetic and the
+feature.
 
 Each sampling step ``k`` has a feature ``F_k`` (the input of the UNet's middle attention block
 for a fixed set of trajectories, :func:`mid_attention_input`). :func:`tdac_weights` scores the

@@ -1,4 +1,4 @@
-"""QConfigs and QConfigMappings with DMQ's defaults (SPEC 1.1).
+"""QConfigs and QConfigMappings with DMQ's defaults (docs/methods/quantizers.md).
 
 A ``QConfigMapping`` means what it means in torch.ao: global < object_type < module_name_regex <
 module_name (which also covers children), resolved with torch.ao's own helper. dmq_fx quantizes
@@ -42,7 +42,8 @@ FLOAT_MODULE_NAMES = (
 #: Kept in float by the default mapping: every resnet's timestep projection.
 FLOAT_MODULE_NAME_REGEXES = (r"(.*\.)?time_emb_proj$",)
 
-#: Moving-average momentum of activation ranges (SPEC 1.1: 0.95, i.e. torch.ao's constant 0.05).
+#: Moving-average momentum of activation ranges (docs/methods/quantizers.md: 0.95, i.e. torch.ao's
+#: constant 0.05).
 ACTIVATION_RANGE_MOMENTUM = 0.95
 
 
@@ -57,9 +58,11 @@ def check_bits(value: object, name: str) -> int:
 
 
 def weight_observer(bits: int = 8):
-    """Per-output-channel weight observer with the MSE grid search (p = 2.4) of SPEC 1.1.
+    """Per-output-channel weight observer with the MSE grid search (p = 2.4) of
+    docs/methods/quantizers.md.
 
-    Up to 7 bits the range is asymmetric ``[0, 2^b - 1]`` with a zero point, as in SPEC 1.1; the
+    Up to 7 bits the range is asymmetric ``[0, 2^b - 1]`` with a zero point, as in
+    docs/methods/quantizers.md; the
     integer weight minus its zero point then fits int8, so int8 kernels carry it exactly. At 8 bits
     no asymmetric form fits int8, so the range is symmetric ``[-128, 127]`` with zero point 0.
     """
@@ -99,7 +102,7 @@ def get_default_qconfig(weight_bits: int = 8, act_bits: int = 8) -> QConfig:
 
 
 def get_default_qconfig_mapping(weight_bits: int = 8, act_bits: int = 8) -> QConfigMapping:
-    """A QConfigMapping with the defaults of SPEC 1.1 for diffusers UNets.
+    """A QConfigMapping with the defaults of docs/methods/quantizers.md for diffusers UNets.
 
     Conv2d and Linear layers get :func:`get_default_qconfig`; ``conv_in``, ``conv_out``, the
     timestep embedding path (``time_proj``, ``time_embedding``, every ``time_emb_proj``) and class

@@ -1,4 +1,4 @@
-"""Calibration data from a real diffusers sampler (SPEC 1.5).
+"""Calibration data from a real diffusers sampler (docs/workflow/calibration_data.md).
 
 :func:`collect_calibration_data` runs a scheduler (DDIM, 20 steps, eta 1 by default) with the
 float UNet and records the UNet's inputs (x_t, t and the conditioning, both halves under
@@ -121,7 +121,7 @@ def collect_calibration_data(
     seed: int = 0,
     progress: bool = True,
 ) -> CalibrationData:
-    """Record the UNet inputs of a sampler run at every step (SPEC 1.5).
+    """Record the UNet inputs of a sampler run at every step (docs/workflow/calibration_data.md).
 
     Args:
         unet: the float UNet (not modified; run in eval mode on a copy).
@@ -267,7 +267,8 @@ def select_samples(
     progress: bool = True,
     **sampler_kwargs: Any,
 ) -> CalibrationData:
-    """EDA-DM's calibration set (TDAC, SPEC 2.1): ``n`` samples spread over the sampling steps
+    """EDA-DM's calibration set (TDAC, docs/methods/eda_dm.md): ``n`` samples spread over the
+    sampling steps
     by density and diversity.
 
     The float UNet generates ``n`` trajectories with the sampler

@@ -38,7 +38,8 @@ class QuantizationConfig:
     ``preset``: a name in ``dmq_fx.PRESETS`` ("dmq", "eda-dm", "dmq+eda", "minmax", ...);
     ``weight_bits`` / ``act_bits``: the default qconfig mapping's widths; ``backend``: the
     lowering; ``num_inference_steps``, ``samples_per_step``, ``eta``: the calibration sampler
-    (SPEC 1.5); ``selection``: ``"uniform"`` (``samples_per_step`` at every step) or
+    (docs/workflow/calibration_data.md); ``selection``: ``"uniform"`` (``samples_per_step`` at
+    every step) or
     ``"tdac"`` (EDA-DM's selection of ``num_inference_steps * samples_per_step`` samples, at
     least ``min_per_step`` per step, density radius ``tdac_radius``); ``timestep_tables``:
     per-timestep activation parameters; ``batch_size``: calibration batches; ``seed``.

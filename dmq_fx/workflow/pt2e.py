@@ -5,7 +5,8 @@ Needs the optional ``torchao`` (``pip install --no-deps torchao==0.18.0`` beside
 torch); importing this module without it raises ``ImportError`` with that line.
 
 - :class:`DMQQuantizer` annotates the conv and linear nodes of an exported UNet that dmq_fx
-  quantizes (not SPEC 1.1's float layers) with exact ``weight_bits`` / ``act_bits`` ranges:
+  quantizes (not DMQ's float layers (docs/methods/quantizers.md)) with exact ``weight_bits`` /
+  ``act_bits`` ranges:
   per-output-channel weights, per-tensor activations (as :func:`dmq_fx.get_default_qconfig`).
 - With ``calibrated=`` (a graph after :func:`dmq_fx.calibrate`) it applies what dmq_fx learned
   instead of observing: each layer's activation step and zero point and its weight steps are

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from dmq_fx.errors import CalibrationError
 from dmq_fx.graph.units import capture_unit_inputs, reconstruction_units, unit_graph
+from dmq_fx.metrics import sqnr_db
 from dmq_fx.observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
 from dmq_fx.passes import les_scale_name
 from dmq_fx.quantize.modes import layer_quantizers, quantizer_mode
@@ -40,15 +41,6 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """``10 log10(sum ref^2 / sum (ref - test)^2)``; inf when they are equal."""
-    noise = (reference.double() - test.double()).pow(2).sum().item()
-    signal = reference.double().pow(2).sum().item()
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 @dataclasses.dataclass
