@@ -65,7 +65,6 @@ from dmq_fx_bench.evaluation import (
     psnr_db,
 )
 from dmq_fx_bench.reference_models import (
-    guided_eps,
     load_fashion16_text,
     load_fashion28,
     load_fashion_classifier,
@@ -78,6 +77,7 @@ from dmq_fx.methods.pts import pts_quantizers
 from dmq_fx.workflow.calibration_data import (
     CalibrationData,
     collect_calibration_data,
+    guided_eps,
     select_samples,
 )
 
@@ -110,7 +110,9 @@ def reference_models(names: list[str]) -> list[ReferenceModel]:
 
             def conditioning(n, embeds=embeds, labels=labels):
                 return dict(
-                    prompt_embeds=embeds[labels(n)], negative_embeds=embeds[10], guidance=GUIDANCE
+                    prompt_embeds=embeds[labels(n)],
+                    negative_prompt_embeds=embeds[10],
+                    guidance_scale=GUIDANCE,
                 )
 
             collect = dict(

@@ -43,8 +43,8 @@ def main() -> None:
                 len(labels),
                 seed=seed,
                 prompt_embeds=embeds[labels],
-                negative_embeds=embeds[10],
-                guidance=4.0,
+                negative_prompt_embeds=embeds[10],
+                guidance_scale=4.0,
             )
             pred16 = clf(F.interpolate(x16, size=28, mode="bilinear", align_corners=False)).argmax(
                 1

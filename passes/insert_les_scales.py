@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from dmq_fx.graph.meta import LayerQuantSpec, quantized_layer_nodes
+from dmq_fx.graph.meta import ANNOTATION_KEY, LayerQuantSpec, quantized_layer_nodes
 
 from .insert_quantizers import input_quantizer_name
 
@@ -15,6 +15,7 @@ __all__ = [
     "insert_les_scales",
     "les_scale_name",
     "les_units",
+    "tau_per_weight",
 ]
 
 
@@ -59,13 +60,19 @@ class ScaleWeightInputChannels(torch.nn.Module):
         self.groups = groups
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        tau = self.les.tau
-        if self.groups > 1:
-            per_group = weight.shape[0] // self.groups
-            tau = tau.view(self.groups, 1, -1).expand(-1, per_group, -1).reshape(weight.shape[:2])
-        else:
-            tau = tau.view(1, -1)
-        return weight * tau.view(*tau.shape, *([1] * (weight.dim() - 2)))
+        return weight * tau_per_weight(self.les.tau, weight, self.groups)
+
+
+def tau_per_weight(tau: torch.Tensor, weight: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """``tau`` (one entry per input channel) spread to broadcast against ``weight``
+    (out, in / groups, ...): output channel ``o`` of group ``g`` meets input channels
+    ``g * C_in/groups ...`` only."""
+    if groups > 1:
+        per_group = weight.shape[0] // groups
+        tau = tau.view(groups, 1, -1).expand(-1, per_group, -1).reshape(weight.shape[:2])
+    else:
+        tau = tau.view(1, -1)
+    return tau.view(*tau.shape, *([1] * (weight.dim() - 2)))
 
 
 def les_scale_name(owner_target: str) -> str:
@@ -77,7 +84,7 @@ def les_units(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     """LES units of ``gm``: owner layer target -> the layer nodes sharing its ``tau``, in order."""
     units: dict[str, list[fx.Node]] = {}
     for node in quantized_layer_nodes(gm):
-        spec: LayerQuantSpec = node.meta["dmq_fx"]
+        spec: LayerQuantSpec = node.meta[ANNOTATION_KEY]
         if spec.les_owner is not None:
             units.setdefault(spec.les_owner, []).append(node)
     return units
@@ -105,7 +112,7 @@ def insert_les_scales(gm: fx.GraphModule) -> fx.GraphModule:
         gm.add_submodule(name, les)
         divided: dict[tuple[fx.Node, int], fx.Node] = {}
         for node in nodes:
-            spec: LayerQuantSpec = node.meta["dmq_fx"]
+            spec: LayerQuantSpec = node.meta[ANNOTATION_KEY]
             n_groups = len(spec.input_groups)
             offset = 0
             for g in range(n_groups):

@@ -12,7 +12,7 @@ from torch import fx
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from torch.nn.utils import parametrize
 
-from dmq_fx.graph.meta import LayerQuantSpec, quantized_layer_nodes
+from dmq_fx.graph.meta import ANNOTATION_KEY, LayerQuantSpec, quantized_layer_nodes
 from dmq_fx.quantize.annotate import make_fake_quantize
 from dmq_fx.quantize.bitpacking import pack_bits, unpack_bits
 
@@ -176,7 +176,7 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     torch.ao prepared model.
     """
     for node in quantized_layer_nodes(gm):
-        spec: LayerQuantSpec = node.meta["dmq_fx"]
+        spec: LayerQuantSpec = node.meta[ANNOTATION_KEY]
         layer = gm.get_submodule(node.target)
         n_groups = len(spec.input_groups)
         inputs = [node.args[0]] if n_groups == 1 else list(node.args[0].args[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+from dmq_fx.passes.insert_les_scales import tau_per_weight
 from torch import fx
 
 __all__ = ["rescale_for_les"]
@@ -12,14 +13,8 @@ __all__ = ["rescale_for_les"]
 
 def _scale_input_channels(layer: torch.nn.Module, tau: torch.Tensor) -> None:
     weight = layer.weight
-    groups = getattr(layer, "groups", 1)
-    if groups > 1:
-        per_group = weight.shape[0] // groups
-        tau = tau.view(groups, 1, -1).expand(-1, per_group, -1).reshape(weight.shape[:2])
-    else:
-        tau = tau.view(1, -1)
     with torch.no_grad():
-        weight.mul_(tau.view(*tau.shape, *([1] * (weight.dim() - 2))).to(weight.dtype))
+        weight.mul_(tau_per_weight(tau, weight, getattr(layer, "groups", 1)).to(weight.dtype))
 
 
 def rescale_for_les(gm: fx.GraphModule, taus: Mapping[str, torch.Tensor]) -> fx.GraphModule:

@@ -42,10 +42,24 @@ def test_regular_install_puts_passes_and_observers_inside_dmq_fx(tmp_path):
 
 
 def test_public_api_is_exported_and_documented():
-    readme = (ROOT / "README.md").read_text()
+    docs = "\n".join(
+        p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    )
     for name in dmq_fx.__all__:
         assert hasattr(dmq_fx, name), name
-        assert re.search(rf"\b{name}\b", readme), f"README does not mention {name}"
+        assert re.search(rf"\b{name}\b", docs), f"neither README nor docs/ mention {name}"
+
+
+def test_readme_is_an_entry_point_and_nothing_points_outside_the_repository():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.encode()) < 20_000
+    assert "quantize_pipeline(" in "\n".join(readme.splitlines()[:60])
+    for path in [ROOT / "README.md", *ROOT.glob("docs/**/*.md"), *ROOT.glob("benchmarks/*.md")]:
+        text = path.read_text()
+        assert "../shared" not in text and "SPEC " not in text, path
+        for link in re.findall(r"\]\(([^)#]+)[^)]*\)", text):  # relative links resolve
+            if not link.startswith(("http://", "https://")):
+                assert (path.parent / link).exists(), f"{path.name}: broken link {link}"
 
 
 def test_ci_runs_the_readme_test_command():

@@ -54,8 +54,8 @@ def test_fashion16_text_follows_its_prompts():
             len(labels),
             seed=0,
             prompt_embeds=embeds[labels],
-            negative_embeds=embeds[10],
-            guidance=4.0,
+            negative_prompt_embeds=embeds[10],
+            guidance_scale=4.0,
         )
         big = F.interpolate(x, size=28, mode="bilinear", align_corners=False)
         pred = load_fashion_classifier()(big).argmax(1)

@@ -246,3 +246,52 @@ def test_len_of_a_tensor_is_refused_with_its_location():
         dmq_fx.TraceError, match=r"module '<root>' at .*test_tracing.py:\d+.*len\(\)"
     ):
         dmq_fx.trace(UsesLen(), (torch.randn(3, 4),))
+
+
+def test_a_second_thread_runs_the_float_model_unchanged_during_a_trace():
+    """trace patches nothing another thread can see: torch.fx's process-wide Module.__call__
+    patch and dmq_fx's proxy-aware torch.is_tensor both pass other threads through."""
+    import threading
+
+    model = build_unet(TINY_SD)
+    args, kwargs = example_inputs(model, batch=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # process-wide: the same reduction order in both threads
+    with torch.no_grad():
+        expected = model(*args, **kwargs).sample
+    real_is_tensor, real_call = torch.is_tensor, torch.nn.Module.__call__
+    stop, results, errors = threading.Event(), [], []
+
+    def run_float_model():
+        try:
+            while not stop.is_set():
+                with torch.no_grad():
+                    results.append(model(*args, **kwargs).sample)
+        except Exception as e:  # reported below; a thread's exception would be lost
+            errors.append(e)
+
+    worker = threading.Thread(target=run_float_model)
+    worker.start()
+    try:
+        for _ in range(3):
+            dmq_fx.trace(model, args, kwargs)
+    finally:
+        stop.set()
+        worker.join()
+        torch.set_num_threads(threads)
+    assert not errors, errors
+    assert len(results) >= 2  # the float model ran while traces were under way
+    assert all(torch.equal(r, expected) for r in results)
+    assert torch.is_tensor is real_is_tensor and torch.nn.Module.__call__ is real_call
+
+
+def test_patches_are_restored_after_an_interrupted_trace():
+    class Interrupting(torch.nn.Module):
+        def forward(self, sample, timestep):
+            raise KeyboardInterrupt
+
+    real_is_tensor, real_call = torch.is_tensor, torch.nn.Module.__call__
+    with pytest.raises(KeyboardInterrupt):
+        dmq_fx.trace(Interrupting(), (torch.zeros(1, 4, 8, 8), 1))
+    assert torch.is_tensor is real_is_tensor and torch.nn.Module.__call__ is real_call
+    assert torch.is_tensor(torch.zeros(1)) and not torch.is_tensor(1.0)

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from dmq_fx.workflow.calibration_data import guided_eps
+
 __all__ = [
     "FASHION_PROMPTS",
     "MODELS_DIR",
     "FashionClassifier",
     "encode_prompts",
-    "guided_eps",
     "load_fashion16_text",
     "load_fashion28",
     "load_fashion_classifier",
@@ -147,28 +148,6 @@ def load_fashion16_text(root: str | Path | None = None):
     return unet.eval(), scheduler, embeds
 
 
-def guided_eps(
-    unet,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    *,
-    prompt_embeds: torch.Tensor | None = None,
-    negative_embeds: torch.Tensor | None = None,
-    guidance: float = 1.0,
-) -> torch.Tensor:
-    """The noise prediction one DDIM step uses: unconditional, text-conditional, or
-    classifier-free guided (both halves in one batch, unconditional first)."""
-    if prompt_embeds is None:
-        return unet(x, t).sample
-    if guidance > 1.0:
-        n = x.shape[0]
-        ctx = torch.cat([negative_embeds.expand(n, -1, -1), prompt_embeds])
-        eps_u, eps_c = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample.chunk(2)
-        return eps_u + guidance * (eps_c - eps_u)
-    return unet(x, t, encoder_hidden_states=prompt_embeds).sample
-
-
-@torch.no_grad()
 def sample_ddim(
     unet,
     train_scheduler,
@@ -178,13 +157,14 @@ def sample_ddim(
     eta: float = 1.0,
     seed: int = 0,
     prompt_embeds: torch.Tensor | None = None,
-    negative_embeds: torch.Tensor | None = None,
-    guidance: float = 1.0,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
     on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     sample_shape: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """``n`` samples of a reference model with DDIM (``steps``, ``eta``), seeded; text models take
-    per-sample ``prompt_embeds`` (n, S, D) and, for guidance > 1, ``negative_embeds`` (S, D).
+    per-sample ``prompt_embeds`` (n, S, D) and, for guidance > 1, ``negative_prompt_embeds``
+    (S, D).
 
     ``on_step(step_index, t, x_t, eps)``, if given, sees every step's input and prediction (the
     quality benchmark compares a quantized model's prediction on the same ``x_t`` there).
@@ -199,7 +179,11 @@ def sample_ddim(
         size = unet.config.sample_size
         sample_shape = (unet.config.in_channels, size, size)
     x = torch.randn(n, *sample_shape, generator=g)
-    cond = dict(prompt_embeds=prompt_embeds, negative_embeds=negative_embeds, guidance=guidance)
+    cond = dict(
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds,
+        guidance_scale=guidance_scale,
+    )
     for i, t in enumerate(scheduler.timesteps):
         eps = guided_eps(unet, x, t, **cond)
         if on_step is not None:

@@ -11,11 +11,13 @@ another spatial size or dtype raises :class:`InputMismatchError` instead of answ
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import copy
 import inspect
 import math
 import operator
 import os
+import threading
 import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,7 +41,44 @@ TIMESTEP_ARG_NAMES = ("timestep", "timesteps")
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _FX_DIR = os.path.dirname(fx.__file__)
-_OWN_DIR = os.path.dirname(__file__)
+_OWN_DIR = os.path.dirname(os.path.dirname(__file__))  # the dmq_fx package
+
+
+# True in the thread (and context) running a trace. torch.fx patches ``Module.__call__`` for the
+# whole process while it traces, and ``torch.is_tensor`` must see through proxies: both patched
+# entry points check this variable, so another thread running a model meanwhile gets the real
+# behaviour.
+_TRACING: contextvars.ContextVar[bool] = contextvars.ContextVar("dmq_fx_tracing", default=False)
+_REAL_IS_TENSOR = torch.is_tensor
+_PATCH_LOCK = threading.Lock()
+_patch_users = 0
+
+
+def _is_tensor(obj: Any) -> bool:
+    """``torch.is_tensor`` that sees the value of a proxy, in the tracing thread only."""
+    if _TRACING.get() and isinstance(obj, _ValueProxy):
+        return isinstance(obj.value, torch.Tensor)
+    return _REAL_IS_TENSOR(obj)
+
+
+@contextlib.contextmanager
+def _tracing_context():
+    """Mark this context as tracing and install the proxy-aware ``torch.is_tensor`` (once for
+    concurrent traces); the real one is back on every exit, KeyboardInterrupt included."""
+    global _patch_users
+    with _PATCH_LOCK:
+        if _patch_users == 0:
+            torch.is_tensor = _is_tensor
+        _patch_users += 1
+    token = _TRACING.set(True)
+    try:
+        yield
+    finally:
+        _TRACING.reset(token)
+        with _PATCH_LOCK:
+            _patch_users -= 1
+            if _patch_users == 0:
+                torch.is_tensor = _REAL_IS_TENSOR
 
 
 @contextlib.contextmanager
@@ -248,6 +287,8 @@ class ValueTracer(fx.Tracer):
         return iter(obj)
 
     def call_module(self, m, forward, args, kwargs):
+        if not _TRACING.get():  # another thread calling a module while fx's patch is in place
+            return forward(*args, **kwargs)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -364,20 +405,14 @@ def trace(
 
     root = copy.deepcopy(model).eval()
     tracer = ValueTracer(example_values)
-    real_is_tensor = torch.is_tensor
-    torch.is_tensor = lambda obj: (
-        isinstance(obj, torch.Tensor)
-        or (isinstance(obj, _ValueProxy) and isinstance(obj.value, torch.Tensor))
-    )
     try:
-        with torch.no_grad():
+        with _tracing_context(), torch.no_grad():
             graph = tracer.trace(root, concrete_args=concrete_args)
     except TraceError:
         raise
     except Exception as e:
         where = tracer.failed_module or "<root>"
         line = _model_line(traceback.extract_tb(e.__traceback__))
-        torch.is_tensor = real_is_tensor
         eager_error = _eager_error(root, provided)
         if eager_error is not None:  # the inputs, not the tracing, are at fault
             shapes = ", ".join(
@@ -395,8 +430,6 @@ def trace(
             f"code that needs tensor *values* (not shapes) cannot be traced: make that module a "
             f"function of shapes only, or quantize its children separately."
         ) from e
-    finally:
-        torch.is_tensor = real_is_tensor
 
     _restore_specialised_args(graph, concrete_args)
     output_class = None

@@ -29,6 +29,7 @@ from dmq_fx.graph.meta import quantized_layer_nodes
 
 __all__ = [
     "Batch",
+    "partial_forwards",
     "BLOCK_TYPES",
     "CapturedInputs",
     "ForwardCursor",
@@ -228,7 +229,7 @@ class ForwardCursor:
             paused.position += 1
 
 
-def _partial_forwards(
+def partial_forwards(
     gm: fx.GraphModule,
     inputs: Sequence[fx.Node],
     batches: Sequence[Batch],
@@ -282,7 +283,7 @@ def capture_unit_inputs(
     """
     per_batch = cursor[0].values_before(cursor[1], inputs) if cursor is not None else None
     if per_batch is None:
-        per_batch = _partial_forwards(gm, inputs, batches, max_samples)
+        per_batch = partial_forwards(gm, inputs, batches, max_samples)
     collected = [list(slot) for slot in zip(*per_batch)]
     values, batched = [], []
     for n, slot in zip(inputs, collected):

@@ -9,7 +9,13 @@ import torch
 from torch import fx
 
 from dmq_fx.errors import ConfigError, ConvertError
-from dmq_fx.graph.meta import ConvertedFrom, LayerQuantSpec, graph_state, quantized_layer_nodes
+from dmq_fx.graph.meta import (
+    ANNOTATION_KEY,
+    ConvertedFrom,
+    LayerQuantSpec,
+    graph_state,
+    quantized_layer_nodes,
+)
 from dmq_fx.lowering.quantized_modules import (
     INT16_MAX,
     QuantizedLayer,
@@ -431,8 +437,8 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
     gm = copy.deepcopy(prepared, {id(layer): layer for layer in layers})
     gm.meta = copy.deepcopy(prepared.meta)
     for node in quantized_layer_nodes(gm):  # (fx's graph copy shares node.meta's values)
-        node.meta["dmq_fx"] = dataclasses.replace(node.meta["dmq_fx"])
-    les_owners = {n.meta["dmq_fx"].les_owner for n in quantized_layer_nodes(gm)} - {None}
+        node.meta[ANNOTATION_KEY] = dataclasses.replace(node.meta[ANNOTATION_KEY])
+    les_owners = {n.meta[ANNOTATION_KEY].les_owner for n in quantized_layer_nodes(gm)} - {None}
     _fold_les_into_norms(gm)
     for node in quantized_layer_nodes(gm):
         layer = _layer_inputs(gm, node)
@@ -474,7 +480,7 @@ _LOWERINGS = {"plain": lower_plain, "pts": lower_pts, "timestep_table": lower_ti
 
 
 def _layer_inputs(gm: fx.GraphModule, node: fx.Node) -> _LayerInputs:
-    spec: LayerQuantSpec = node.meta["dmq_fx"]
+    spec: LayerQuantSpec = node.meta[ANNOTATION_KEY]
     n_groups = len(spec.input_groups)
     quant_nodes = [node.args[0]] if n_groups == 1 else list(node.args[0].args[0])
     layer = _LayerInputs(node, gm.get_submodule(node.target), spec, quant_nodes, [])

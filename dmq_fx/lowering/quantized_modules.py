@@ -65,6 +65,26 @@ def select_timestep_entry(timestep, grid: torch.Tensor, table: torch.Tensor) -> 
     return table[int(nearest_grid_index(grid, t[:1])[0])]
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+@functools.cache
+def cpu_features() -> str:
+    """The CPU's int8 features as benchmarks print them, e.g. ``"AVX-512 VNNI, AMX-INT8"`` or
+    ``"AVX2 only (no VNNI / AMX)"``."""
+    flags = _cpu_flags()
+    named = {"avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI", "amx_int8": "AMX-INT8"}
+    found = [label for flag, label in named.items() if flag in flags]
+    if found:
+        return ", ".join(found)
+    return "AVX2 only (no VNNI / AMX)" if "avx2" in flags else "no AVX2 / VNNI / AMX"
+
+
 @functools.cache
 def cpu_has_int8_dot_product() -> bool:
     """Whether the CPU has VNNI / AMX, i.e. int8 products accumulate in int32 without saturation.
@@ -72,12 +92,7 @@ def cpu_has_int8_dot_product() -> bool:
     Without them (AVX2) x86 int8 kernels add pairs of u8 x s8 products in int16 with saturation,
     so a layer is exact only if no pair can exceed 32767 (see :func:`int16_pair_bound`).
     """
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def int16_pair_bound(weight_int8: torch.Tensor, act_quant_max: int) -> int:

@@ -23,6 +23,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from dmq_fx.errors import ConfigError
+from dmq_fx.graph.meta import ANNOTATION_KEY
 from dmq_fx.graph.units import (
     BLOCK_TYPES,
     CAPTURE_MODES,
@@ -154,7 +155,7 @@ class RoundingVariables:
             for g, v in enumerate(vs):
                 grouped.set_rounding(g, v.detach() >= 0)
         for node in self.layers:
-            node.meta["dmq_fx"].adaround = True
+            node.meta[ANNOTATION_KEY].adaround = True
 
 
 def require_weight_qparams(gm: fx.GraphModule, stage: str) -> None:

@@ -12,7 +12,6 @@ uncalibrated: ``observe_activations`` and ``observe_weights`` follow them in a p
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -23,13 +22,13 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from dmq_fx.errors import CalibrationError, ConfigError
-from dmq_fx.graph.meta import LayerQuantSpec, graph_state
+from dmq_fx.graph.meta import ANNOTATION_KEY, LayerQuantSpec, graph_state
 from dmq_fx.graph.units import (
     CAPTURE_MODES,
     ForwardCursor,
     ReconstructionUnit,
-    StopForward,
     inserted_inputs,
+    partial_forwards,
     unit_graph,
 )
 from dmq_fx.passes import (
@@ -115,27 +114,8 @@ def _owner_inputs_by_partial_forwards(
     gm: fx.GraphModule, owner: fx.Node, batches: Sequence[Batch], max_samples: int | None
 ) -> list[tuple[torch.Tensor, Batch]]:
     """Per batch, what the owner layer receives, each forward stopped there."""
-    raw: list[tuple[torch.Tensor, Batch]] = []
-    current: list[Batch] = []
-
-    def hook(module, inputs):
-        raw.append((inputs[0].detach(), current[-1]))
-        raise StopForward
-
-    handle = gm.get_submodule(owner.target).register_forward_pre_hook(hook)
-    count = 0
-    try:
-        with torch.no_grad():
-            for args, kwargs in batches:
-                current.append((args, kwargs))
-                with contextlib.suppress(StopForward):
-                    gm(*args, **kwargs)
-                count += raw[-1][0].shape[0]
-                if max_samples is not None and count >= max_samples:
-                    break
-    finally:
-        handle.remove()
-    return raw
+    per_batch = partial_forwards(gm, [owner.args[0]], batches, max_samples)
+    return [(values[0].detach(), batch) for values, batch in zip(per_batch, batches)]
 
 
 def _owner_inputs_from_cursor(
@@ -180,7 +160,7 @@ class _UnitLayer:
     """One layer of an LES unit, with what its quantized forward needs."""
 
     def __init__(self, gm: fx.GraphModule, node: fx.Node):
-        self.spec: LayerQuantSpec = node.meta["dmq_fx"]
+        self.spec: LayerQuantSpec = node.meta[ANNOTATION_KEY]
         self.module = gm.get_submodule(node.target)
         chain = self.module.parametrizations.weight
         self.weight = chain.original.detach()

@@ -9,7 +9,7 @@ documentation. Nothing registers itself elsewhere: to see what ``"dmq"`` runs, r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -25,9 +25,9 @@ __all__ = ["DEFAULT_STAGES", "PREPARE_FLAGS", "PRESETS", "STAGES", "Preset", "re
 
 
 @dataclasses.dataclass(frozen=True)
-class Preset:
+class Preset(Sequence[str]):
     """A named calibration recipe: ``stages`` (names in :data:`STAGES`), the ``prepare_fx``
-    keyword arguments they need, and what it is. Iterating a preset gives its stage names."""
+    keyword arguments they need, and what it is. As a sequence, a preset is its stage names."""
 
     name: str
     stages: tuple[str, ...]
@@ -37,13 +37,16 @@ class Preset:
     def __post_init__(self) -> None:
         object.__setattr__(self, "prepare_flags", MappingProxyType(dict(self.prepare_flags)))
 
+    def __hash__(self) -> int:  # prepare_flags is a read-only mapping, not hashable
+        return hash((self.name, self.stages))
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.stages)
 
     def __len__(self) -> int:
         return len(self.stages)
 
-    def __getitem__(self, index: int) -> str:
+    def __getitem__(self, index):
         return self.stages[index]
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import fx
 
 from dmq_fx.errors import CalibrationError
-from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.graph.meta import ANNOTATION_KEY, quantized_layer_nodes
 from dmq_fx.quantize import distributed
 from dmq_fx.quantize.stage import UnitProgress
 from dmq_fx.quantize.state import assign_state, learned_state
@@ -104,10 +104,12 @@ class CalibrationCheckpoint:
                 marked = set(json.loads(f.metadata()["adaround"]))
             for node in quantized_layer_nodes(gm):
                 if str(node.target) in marked:
-                    node.meta["dmq_fx"].adaround = True
+                    node.meta[ANNOTATION_KEY].adaround = True
 
     def _write(self, path: Path, tensors: dict, gm: fx.GraphModule) -> None:
-        marked = [str(n.target) for n in quantized_layer_nodes(gm) if n.meta["dmq_fx"].adaround]
+        marked = [
+            str(n.target) for n in quantized_layer_nodes(gm) if n.meta[ANNOTATION_KEY].adaround
+        ]
         tensors = {k: v.contiguous() for k, v in tensors.items()}
         meta = {"format": FORMAT, "adaround": json.dumps(marked)}
         _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))

@@ -20,7 +20,7 @@ from torch import fx
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from dmq_fx.errors import ConfigError
-from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.graph.meta import ANNOTATION_KEY, quantized_layer_nodes
 from dmq_fx.passes import input_quantizer_name, weight_quantizer
 
 __all__ = [
@@ -41,7 +41,7 @@ _WHICH = ("all", "activations", "weights")
 
 def layer_input_quantizer_names(node: fx.Node) -> list[str]:
     """Qualified names of a quantized layer's activation quantizers (one per input group)."""
-    n = len(node.meta["dmq_fx"].input_groups)
+    n = len(node.meta[ANNOTATION_KEY].input_groups)
     return [input_quantizer_name(node.target, g, n) for g in range(n)]
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import fx
 from tqdm.auto import tqdm
 
-from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.graph.meta import ANNOTATION_KEY, quantized_layer_nodes
 from dmq_fx.passes import weight_before_quantization, weight_quantizer
 from dmq_fx.quantize import distributed
 from dmq_fx.quantize.modes import input_quantizers, set_quantizer_mode
@@ -41,7 +41,7 @@ def observe_weights(gm: fx.GraphModule, ctx: CalibrationContext) -> None:
             layer = gm.get_submodule(node.target)
             grouped = weight_quantizer(layer)
             parts = grouped.split(weight_before_quantization(layer))
-            node.meta["dmq_fx"].adaround = False
+            node.meta[ANNOTATION_KEY].adaround = False
             for g, (fq, part) in enumerate(zip(grouped.fake_quants, parts)):
                 grouped.set_rounding(g, None)
                 set_quantizer_mode([fq], "observe")

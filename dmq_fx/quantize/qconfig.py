@@ -7,6 +7,8 @@ the inputs and weights of ``Conv2d`` and ``Linear`` layers; everything else stay
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch.ao.quantization import QConfig, QConfigMapping
 from torch.ao.quantization.fx.qconfig_mapping_utils import (
@@ -24,8 +26,10 @@ __all__ = [
     "check_bits",
     "get_default_qconfig",
     "get_default_qconfig_mapping",
+    "is_float_module",
     "qconfig_for_module",
     "weight_observer",
+    "weight_range",
 ]
 
 #: Kept in float by the default mapping (with all their children): the first and last conv and
@@ -57,6 +61,27 @@ def check_bits(value: object, name: str) -> int:
     return value
 
 
+def weight_range(bits: int) -> tuple[torch.dtype, int, int, torch.qscheme]:
+    """The integer weight range of ``bits``-bit weights: (dtype, quant_min, quant_max,
+    qscheme); see :func:`weight_observer`."""
+    bits = check_bits(bits, "weight_bits")
+    if bits == 8:
+        return torch.qint8, -128, 127, torch.per_channel_symmetric
+    return torch.quint8, 0, 2**bits - 1, torch.per_channel_affine
+
+
+def is_float_module(name: str) -> bool:
+    """Whether the default mapping keeps the module ``name`` (a qualified name) in float: it or
+    one of its parents is a float module (as torch.ao's ``set_module_name`` covers children)."""
+    parts = name.split(".")
+    scopes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(
+        scope in FLOAT_MODULE_NAMES
+        or any(re.fullmatch(r, scope) for r in FLOAT_MODULE_NAME_REGEXES)
+        for scope in scopes
+    )
+
+
 def weight_observer(bits: int = 8):
     """Per-output-channel weight observer with the MSE grid search (p = 2.4) of
     docs/methods/quantizers.md.
@@ -66,21 +91,9 @@ def weight_observer(bits: int = 8):
     integer weight minus its zero point then fits int8, so int8 kernels carry it exactly. At 8 bits
     no asymmetric form fits int8, so the range is symmetric ``[-128, 127]`` with zero point 0.
     """
-    bits = check_bits(bits, "weight_bits")
-    if bits == 8:
-        return MSEGridSearchPerChannelObserver.with_args(
-            dtype=torch.qint8,
-            qscheme=torch.per_channel_symmetric,
-            quant_min=-128,
-            quant_max=127,
-            ch_axis=0,
-        )
+    dtype, quant_min, quant_max, qscheme = weight_range(bits)
     return MSEGridSearchPerChannelObserver.with_args(
-        dtype=torch.quint8,
-        qscheme=torch.per_channel_affine,
-        quant_min=0,
-        quant_max=2**bits - 1,
-        ch_axis=0,
+        dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, ch_axis=0
     )
 
 

@@ -13,7 +13,7 @@ from torch import fx
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from dmq_fx.errors import ConfigError, LoadError
-from dmq_fx.graph.meta import graph_state, quantized_layer_nodes
+from dmq_fx.graph.meta import ANNOTATION_KEY, graph_state, quantized_layer_nodes
 from dmq_fx.observers import TimestepTableFakeQuantize
 from dmq_fx.passes import GroupedWeightFakeQuantize, LESScale
 
@@ -41,7 +41,7 @@ def learned_state(
 
 
 def layer_record(node: fx.Node) -> dict:
-    spec = node.meta["dmq_fx"]
+    spec = node.meta[ANNOTATION_KEY]
     return {
         "weight_bits": spec.weight_bits,
         "act_bits": spec.act_bits,

@@ -22,7 +22,13 @@ from tqdm.auto import tqdm
 
 from dmq_fx.errors import CalibrationError, ConfigError
 
-__all__ = ["CalibrationData", "collect_calibration_data", "select_samples", "step_features"]
+__all__ = [
+    "CalibrationData",
+    "collect_calibration_data",
+    "guided_eps",
+    "select_samples",
+    "step_features",
+]
 
 FORMAT = "dmq_fx.calibration/1"
 
@@ -105,6 +111,29 @@ def _accepts(fn, name: str) -> bool:
 
 
 @torch.no_grad()
+def guided_eps(
+    unet: Any,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
+    """The noise prediction a sampler step uses: unconditional, text-conditional, or
+    classifier-free guided (both halves in one batch, unconditional first; ``t`` a 0-d or
+    per-sample timestep)."""
+    if prompt_embeds is None:
+        return unet(x, t).sample
+    if guidance_scale <= 1.0:
+        return unet(x, t, encoder_hidden_states=prompt_embeds).sample
+    n = x.shape[0]
+    context = torch.cat([negative_prompt_embeds.expand(n, -1, -1), prompt_embeds])
+    both = torch.cat([t, t]) if t.dim() > 0 else t
+    eps_u, eps_c = unet(torch.cat([x, x]), both, encoder_hidden_states=context).sample.chunk(2)
+    return eps_u + guidance_scale * (eps_c - eps_u)
+
+
 def collect_calibration_data(
     unet: torch.nn.Module,
     scheduler: Any = None,
@@ -173,13 +202,14 @@ def collect_calibration_data(
                 model_in = sched.scale_model_input(x, t)
                 t_batch = torch.full((n,), int(t), dtype=torch.long)
                 if guided:
-                    uncond = negative_prompt_embeds.expand(n, -1, -1)
-                    eps_u, eps_c = unet(
-                        torch.cat([model_in, model_in]),
-                        torch.cat([t_batch, t_batch]),
-                        encoder_hidden_states=torch.cat([uncond, cond["encoder_hidden_states"]]),
-                    ).sample.chunk(2)
-                    eps = eps_u + guidance_scale * (eps_c - eps_u)
+                    eps = guided_eps(
+                        unet,
+                        model_in,
+                        t_batch,
+                        prompt_embeds=cond["encoder_hidden_states"],
+                        negative_prompt_embeds=negative_prompt_embeds,
+                        guidance_scale=guidance_scale,
+                    )
                 else:
                     eps = unet(model_in, t_batch, **cond).sample
                 if j == k or not independent_trajectories:  # a group records its last step

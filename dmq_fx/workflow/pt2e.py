@@ -37,12 +37,12 @@ except ImportError as e:  # pragma: no cover - exercised where torchao is missin
     raise ImportError("dmq_fx.pt2e needs torchao: pip install --no-deps torchao==0.18.0") from e
 
 from dmq_fx.errors import ConfigError
-from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.graph.meta import ANNOTATION_KEY, quantized_layer_nodes
 from dmq_fx.lowering.convert import integer_weights
 from dmq_fx.observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
 from dmq_fx.passes import input_quantizer_name
 from dmq_fx.passes import weight_quantizer as weight_quantizer_of
-from dmq_fx.quantize.qconfig import FLOAT_MODULE_NAME_REGEXES, FLOAT_MODULE_NAMES, check_bits
+from dmq_fx.quantize.qconfig import check_bits, is_float_module, weight_range
 
 __all__ = ["DMQQuantizer", "export_unet", "prepare_float_model"]
 
@@ -78,24 +78,13 @@ def _module_path(node: fx.Node) -> str | None:
     return list(stack.values())[-1][0] if stack else None
 
 
-def _is_float_layer(path: str) -> bool:
-    import re
-
-    # as torch.ao's set_module_name: a name covers the module and everything inside it
-    parts = path.split(".")
-    scopes = [".".join(parts[: i + 1]) for i in range(len(parts))]
-    patterns = FLOAT_MODULE_NAME_REGEXES
-    return any(
-        scope in FLOAT_MODULE_NAMES or any(re.fullmatch(r, scope) for r in patterns)
-        for scope in scopes
-    )
+#: pt2e specs take plain integer dtypes where torch.ao observers take quantized ones
+_PLAIN_DTYPE = {torch.qint8: torch.int8, torch.quint8: torch.uint8}
 
 
-def _weight_range(bits: int) -> tuple[torch.dtype, int, int, torch.qscheme]:
-    # as dmq_fx.qconfig: 8 bits symmetric int8, fewer bits asymmetric [0, 2^b - 1]
-    if bits == 8:
-        return torch.int8, -128, 127, torch.per_channel_symmetric
-    return torch.uint8, 0, 2**bits - 1, torch.per_channel_affine
+def _pt2e_weight_range(bits: int) -> tuple[torch.dtype, int, int, torch.qscheme]:
+    dtype, quant_min, quant_max, qscheme = weight_range(bits)
+    return _PLAIN_DTYPE[dtype], quant_min, quant_max, qscheme
 
 
 def _layer_qparams(calibrated: fx.GraphModule) -> tuple[dict[str, dict], list[str]]:
@@ -103,7 +92,7 @@ def _layer_qparams(calibrated: fx.GraphModule) -> tuple[dict[str, dict], list[st
     layers pt2e cannot carry."""
     out, skipped = {}, []
     for node in quantized_layer_nodes(calibrated):
-        spec = node.meta["dmq_fx"]
+        spec = node.meta[ANNOTATION_KEY]
         name = str(node.target)
         if spec.timestep_table:
             raise ConfigError(
@@ -162,16 +151,16 @@ class DMQQuantizer(Quantizer):
             layer = self.layers[path]
             scale, zp, qmin, qmax = layer["act"]
             act_ctr = _FixedPerTensor.with_args(scale=scale, zero_point=zp)
-            wdtype, wmin, wmax, wscheme = _weight_range(layer["weight_bits"])
+            wdtype, wmin, wmax, wscheme = _pt2e_weight_range(layer["weight_bits"])
             w_ctr = _FixedPerChannel.with_args(
                 scales=layer["weight"][0], zero_points=layer["weight"][1]
             )
         else:
-            if _is_float_layer(path):
+            if is_float_module(path):
                 return None
             qmin, qmax = 0, 2**self.act_bits - 1
             act_ctr = MinMaxObserver
-            wdtype, wmin, wmax, wscheme = _weight_range(self.weight_bits)
+            wdtype, wmin, wmax, wscheme = _pt2e_weight_range(self.weight_bits)
             w_ctr = PerChannelMinMaxObserver
         act = QuantizationSpec(
             dtype=torch.uint8,
@@ -226,13 +215,13 @@ def prepare_float_model(
             continue
         layer = calibrated.get_submodule(name)
         # the integers convert_fx stores (learned rounding or round-to-nearest), dequantized
-        (q, scale, zp), *_ = integer_weights(layer, node.meta["dmq_fx"])[0]
+        (q, scale, zp), *_ = integer_weights(layer, node.meta[ANNOTATION_KEY])[0]
         shape = (-1, *([1] * (q.dim() - 1)))
         deq = (q.float() - zp.float().reshape(shape)) * scale.float().reshape(shape)
         target = model.get_submodule(name)
         with torch.no_grad():
             target.weight.copy_(deq)
-        owner = node.meta["dmq_fx"].les_owner
+        owner = node.meta[ANNOTATION_KEY].les_owner
         if owner is not None:
             from dmq_fx.passes import les_scale_name
 

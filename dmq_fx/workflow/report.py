@@ -23,6 +23,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from dmq_fx.errors import CalibrationError
+from dmq_fx.graph.meta import ANNOTATION_KEY
 from dmq_fx.graph.units import capture_unit_inputs, reconstruction_units, unit_graph
 from dmq_fx.metrics import sqnr_db
 from dmq_fx.observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
@@ -193,7 +194,7 @@ def report(
                         "input_max": float(first.max()),
                     }
                 )
-            spec = node.meta["dmq_fx"]
+            spec = node.meta[ANNOTATION_KEY]
             tau = gm.get_submodule(les_scale_name(spec.les_owner)).tau if spec.les_owner else None
             counts = _pts_counts(gm, node)
             worst = min(values, key=lambda tv: tv[1])

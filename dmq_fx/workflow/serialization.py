@@ -24,7 +24,7 @@ from torch import fx
 from torch.ao.quantization import QConfigMapping
 
 from dmq_fx.errors import ConfigError, LoadError
-from dmq_fx.graph.meta import GraphState, graph_state, quantized_layer_nodes
+from dmq_fx.graph.meta import ANNOTATION_KEY, GraphState, graph_state, quantized_layer_nodes
 from dmq_fx.graph.model_identity import model_config, weights_fingerprint
 from dmq_fx.lowering.convert import convert_fx
 from dmq_fx.quantize.modes import set_quantizer_mode
@@ -210,7 +210,7 @@ def _rebuild(
                 f"at w{mine['weight_bits']}a{mine['act_bits']}: pass the qconfig_mapping it was "
                 "made with"
             )
-        node.meta["dmq_fx"].adaround = "adaround" in saved["rewrites"]
+        node.meta[ANNOTATION_KEY].adaround = "adaround" in saved["rewrites"]
     grow_tables(prepared, tensors)
     missing = sorted(set(learned_state(prepared)) - set(tensors))
     if missing:  # (extra keys, e.g. learned roundings, must name a buffer: _assign checks)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from dmq_fx.graph.meta import LayerQuantSpec, graph_state, quantized_layer_nodes
+from dmq_fx.graph.meta import ANNOTATION_KEY, LayerQuantSpec, graph_state, quantized_layer_nodes
 from dmq_fx.lowering.quantized_modules import QuantizedLayer
 from dmq_fx.passes import input_quantizer_name, les_scale_name, weight_quantizer
 
@@ -79,7 +79,7 @@ def summary(gm: fx.GraphModule, print_table: bool = False) -> QuantSummary:
     state = (meta.state if meta is not None else None) or "traced"
     rows = []
     for node in quantized_layer_nodes(gm):
-        spec: LayerQuantSpec = node.meta["dmq_fx"]
+        spec: LayerQuantSpec = node.meta[ANNOTATION_KEY]
         mod = gm.get_submodule(node.target)
         n = len(spec.input_groups)
         if isinstance(mod, QuantizedLayer):
