@@ -1,7 +1,7 @@
 """fp32 eager vs lowered int8 graphs on the DDPM-CIFAR10 UNet (random weights).
 
     python benchmarks/speed.py [--bits w8a8 w8a7 w4a8] [--dmq-bits w4a8] [--batches 1 8]
-        [--repeats 15] [--no-torchao] [--pt2e]
+        [--repeats 15] [--no-torchao] [--pt2e] [--compile] [--sampling]
 
 Rows: dmq_fx's x86 lowering at each bit setting; the DMQ-structured graph ("dmq_fx les+pts",
 --dmq-bits, default w4a8: LES scales (SmoothQuant's closed form standing in for learned tau: the
@@ -11,8 +11,13 @@ dmq_fx.trace; with --pt2e, torchao's pt2e flow with dmq_fx.pt2e.DMQQuantizer at 
 inductor with freezing (the two warm-up rounds include the compile of each batch size). Every
 repeat
 times fp32 and every quantized graph back to back (interleaved), so machine load hits all alike;
-medians are reported. The last line printed is a JSON list with one object per run:
-{"config", "batch", "bits", "method", "fp32_ms", "quant_ms", "speedup", "int8_layers", "layers"}.
+medians are reported. With --compile every dmq_fx graph also gets a "<method>+compile" row:
+dmq_fx.compile (torch.compile, fullgraph, inductor with freezing), one compile per batch size
+before the timed rounds (``compile_s``). With --sampling, an end-to-end row: 20-step DDIM
+sampling of the committed fashion28 model at batch 8, fp32 against its W4A8 DMQ-structured graph
+eager and compiled, in images per second. The first line names the CPU's int8 features. The last
+line printed is a JSON list with one object per run: {"config", "batch", "bits", "method",
+"fp32_ms", "quant_ms", "speedup", "int8_layers", "layers", "compile_s"}.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from baselines import parse_bits, torchao_fx_quantize
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import DDPM_CIFAR10, build_unet, example_inputs
-from dmq_fx.lowering.quantized_modules import QuantizedLayer, cpu_has_int8_dot_product
+from dmq_fx.lowering.quantized_modules import QuantizedLayer, cpu_features
 
 #: the DMQ graph's structure without the learning: SmoothQuant's closed-form tau stands in for
 #: learned LES (same lowering: per-channel quantize steps or norm folding), PTS voted on the skip
@@ -64,8 +69,9 @@ def pt2e_inductor_graph(model, calib):
     """torchao pt2e with dmq_fx's DMQQuantizer (W8A8), compiled by inductor with freezing:
     onednn int8 conv / linear kernels (needs torchao; compiles on the first call per shape)."""
     import torch._inductor.config as inductor_config
-    from dmq_fx.pt2e import DMQQuantizer, export_unet
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from dmq_fx.pt2e import DMQQuantizer, export_unet
 
     inductor_config.freezing = True  # constant-fold the quantized weights into prepacked ones
     prepared = prepare_pt2e(export_unet(model, *calib[0]), DMQQuantizer(8, 8))
@@ -95,13 +101,17 @@ def main() -> None:
     ap.add_argument(
         "--dmq-bits", nargs="*", default=["w4a8"], help="bits of the DMQ-structured graph rows"
     )
+    ap.add_argument("--compile", action="store_true", help="add dmq_fx.compile rows (compiles)")
+    ap.add_argument(
+        "--sampling", action="store_true", help="add the fashion28 20-step sampling row"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_unet(DDPM_CIFAR10)
     print(
-        f"torch {torch.__version__}, {args.threads} threads, CPU capability "
-        f"{torch.backends.cpu.get_cpu_capability()}, VNNI/AMX: {cpu_has_int8_dot_product()}",
+        f"CPU int8 features: {cpu_features()}; torch {torch.__version__}, {args.threads} threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}",
         flush=True,
     )
     calib = [example_inputs(model, batch=4, seed=s) for s in range(2)]
@@ -114,9 +124,23 @@ def main() -> None:
         graphs.append(("torchao-fx", "w8a8 (a7 reduce_range)", *torchao_fx_graph(model, calib)))
     if args.pt2e:
         graphs.append(("pt2e+inductor", "w8a8", *pt2e_inductor_graph(model, calib)))
+    if args.compile:
+        graphs += [
+            (f"{method}+compile", bits, dmq_fx.compile(graph, dynamic=False), int8, layers)
+            for method, bits, graph, int8, layers in graphs
+            if method.startswith("dmq_fx")
+        ]
     results = []
     for batch in args.batches:
         a, k = example_inputs(model, batch=batch, seed=1)
+        compile_s = {}
+        with torch.no_grad():
+            for i, (method, _, graph, _, _) in enumerate(graphs):
+                if method.endswith("+compile"):  # compiles for this shape, outside the timing
+                    start = time.perf_counter()
+                    graph(*a, **k)
+                    compile_s[i] = round(time.perf_counter() - start, 1)
+                    print(f"{method}: compiled batch {batch} in {compile_s[i]} s", flush=True)
         times: dict[int, list[float]] = {i: [] for i in range(-1, len(graphs))}
         with torch.no_grad():
             for rep in range(args.repeats + 2):  # two warm-up rounds (packing, allocator)
@@ -138,10 +162,75 @@ def main() -> None:
                 "speedup": round(fp32 / q, 2),
                 "int8_layers": int8_layers,
                 "layers": layers,
+                "compile_s": compile_s.get(i),
             }
             print(row, flush=True)
             results.append(row)
+    if args.sampling:
+        results.append(sampling_row(args.repeats, compiled=True))
     print(json.dumps(results))
+
+
+def sampling_row(repeats: int, compiled: bool, batch: int = 8, steps: int = 20) -> dict:
+    """20-step DDIM sampling of fashion28 at ``batch``: fp32 vs the W4A8 DMQ-structured graph
+    (calibrated on the model's own sampler inputs), eager and compiled; images per second."""
+    from diffusers import DDIMScheduler
+    from dmq_fx_bench.reference_models import load_fashion28, sample_ddim
+
+    unet, train_scheduler = load_fashion28()
+    data = dmq_fx.calibration.collect_calibration_data(
+        unet,
+        DDIMScheduler.from_config(train_scheduler.config),
+        num_inference_steps=steps,
+        samples_per_step=16,
+        independent_trajectories=False,
+        progress=False,
+    )
+    batches = list(data.batches(32, seed=0))
+    prepared = dmq_fx.prepare_fx(
+        unet, dmq_fx.get_default_qconfig_mapping(4, 8), *batches[0], les=True, pts="skip"
+    )
+    dmq_fx.calibrate(prepared, batches, DMQ_STRUCTURE_STAGES, progress=False)
+    quant = dmq_fx.convert_fx(prepared, "x86")
+    runners = {"fp32": unet, "dmq_fx les+pts": quant}
+    compile_s = None
+    if compiled:
+        runners["dmq_fx les+pts+compile"] = dmq_fx.compile(quant, dynamic=False)
+        start = time.perf_counter()
+        sample_ddim(
+            runners["dmq_fx les+pts+compile"],
+            train_scheduler,
+            batch,
+            steps=steps,
+            sample_shape=(1, 28, 28),
+        )
+        compile_s = round(time.perf_counter() - start, 1)
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    with torch.no_grad():
+        for rep in range(max(3, repeats // 3) + 1):
+            for name, fn in runners.items():
+                start = time.perf_counter()
+                sample_ddim(
+                    fn, train_scheduler, batch, steps=steps, seed=rep, sample_shape=(1, 28, 28)
+                )
+                if rep >= 1:
+                    times[name].append(time.perf_counter() - start)
+    ips = {name: batch / statistics.median(t) for name, t in times.items()}
+    row = {
+        "config": "fashion28 sampling",
+        "batch": batch,
+        "bits": "w4a8",
+        "method": "images/s",
+        **{name: round(v, 2) for name, v in ips.items()},
+        **{
+            f"speedup {name}": round(v / ips["fp32"], 2)
+            for name, v in ips.items()
+            if name != "fp32"
+        },
+        "compile_s": compile_s,
+    }
+    print(row, flush=True)
+    return row
 
 
 if __name__ == "__main__":

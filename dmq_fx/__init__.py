@@ -11,11 +11,13 @@ from dmq_fx.errors import (
     DMQError,
     InputMismatchError,
     LoadError,
+    ReferenceFormWarning,
     TimestepOutOfGridError,
     TraceError,
 )
 from dmq_fx.graph import units as blocks
 from dmq_fx.graph.tracing import trace
+from dmq_fx.lowering.compile import compile
 from dmq_fx.lowering.convert import BACKENDS, convert_fx
 from dmq_fx.methods import adaround, fbr, les, pts
 from dmq_fx.methods.adaround import AdaRound
@@ -53,6 +55,7 @@ __all__ = [
     "FBR",
     "InputMismatchError",
     "LoadError",
+    "ReferenceFormWarning",
     "LearnLES",
     "SmoothQuantScales",
     "TimestepOutOfGridError",
@@ -64,6 +67,7 @@ __all__ = [
     "fbr",
     "les",
     "pts",
+    "compile",
     "convert_fx",
     "get_default_qconfig",
     "get_default_qconfig_mapping",

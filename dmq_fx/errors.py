@@ -40,3 +40,8 @@ class TimestepOutOfGridError(InputMismatchError):
 class LoadError(DMQError, ValueError):
     """A saved quantization file cannot be loaded: another format or version, corrupted, or
     made for another model (class, config or weights)."""
+
+
+class ReferenceFormWarning(UserWarning):
+    """``convert_fx(backend="x86")`` lowered layers in the exact but slower reference form
+    because int8 kernels could saturate on this CPU (no VNNI / AMX)."""

@@ -211,3 +211,20 @@ def test_convert_errors_and_no_side_effects():
     now = sim.state_dict()
     assert all(torch.equal(now[key], v) for key, v in snap[0].items())
     assert graph_state(sim).state == "calibrated"
+
+
+@pytest.mark.parametrize("axis,shape", [(1, (4, 32, 9, 9)), (2, (4, 77, 64)), (1, (2, 5, 3))])
+def test_per_channel_quantize_of_int8_layers_matches_quantized_decomposed(axis, shape):
+    """LES / PTS inputs of int8 layers use a three-pass per-channel quantize: the same integers
+    as torch's quantized_decomposed.quantize_per_channel, ties and clamping included."""
+    from dmq_fx.lowering.quantized_modules import quantize_uint8_per_channel
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g) * 3
+    steps = torch.rand(shape[axis], generator=g) * 0.05 + 0.001
+    x.select(axis, 0).copy_(steps[0] * 0.5)  # exact .5 ties in channel 0
+    zero_points = torch.full((shape[axis],), 7, dtype=torch.int32)
+    expected = torch.ops.quantized_decomposed.quantize_per_channel(
+        x, steps, zero_points, axis, 0, 63, torch.uint8
+    )
+    assert torch.equal(quantize_uint8_per_channel(x, 1.0 / steps, 7, axis, 0, 63), expected)

@@ -7,7 +7,6 @@ and the function shows up again as one ``call_function`` node.
 
 from __future__ import annotations
 
-import functools
 import importlib
 from typing import Any
 
@@ -94,7 +93,19 @@ def format_output(result: Any, return_dict: Any, output_class: str) -> Any:
     return _output_class(output_class)(*result)
 
 
-@functools.cache
+# Output classes by dotted path, filled when a graph is traced (register_output_class): a plain
+# dict lookup is what torch.compile can trace through; an import is not.
+_OUTPUT_CLASSES: dict[str, type] = {}
+
+
+def register_output_class(path: str) -> type:
+    """Resolve (import) the output class at ``path`` once and remember it."""
+    if path not in _OUTPUT_CLASSES:
+        module_name, _, class_name = path.rpartition(".")
+        _OUTPUT_CLASSES[path] = getattr(importlib.import_module(module_name), class_name)
+    return _OUTPUT_CLASSES[path]
+
+
 def _output_class(path: str) -> type:
-    module_name, _, class_name = path.rpartition(".")
-    return getattr(importlib.import_module(module_name), class_name)
+    cls = _OUTPUT_CLASSES.get(path)
+    return cls if cls is not None else register_output_class(path)

@@ -494,6 +494,7 @@ def _wrap_output(graph: fx.Graph, output_class: str | None) -> None:
     return_dict.args = (True,)  # default of the placeholder, as in diffusers
     if output_class is None:
         return
+    graph_ops.register_output_class(output_class)
     with graph.inserting_before(output):
         wrapped = graph.call_function(
             graph_ops.format_output, (output.args[0], return_dict, output_class)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import torch
 from torch import fx
 
-from dmq_fx.errors import ConfigError, ConvertError
+from dmq_fx.errors import ConfigError, ConvertError, ReferenceFormWarning
 from dmq_fx.graph.meta import (
     ANNOTATION_KEY,
     ConvertedFrom,
@@ -22,6 +23,7 @@ from dmq_fx.lowering.quantized_modules import (
     cpu_has_int8_dot_product,
     int16_pair_bound,
     quantize_uint8,
+    quantize_uint8_per_channel,
     select_timestep_entry,
 )
 from dmq_fx.observers import PowerOfTwoFakeQuantize
@@ -133,6 +135,14 @@ def _quantize_node(
     if les is not None:
         offset = x.args[1] if len(x.args) > 1 else 0
         steps = own_steps * les.tau.detach().float()[offset : offset + channels]
+    if form == "int8":  # the same integers as quantize_per_channel, in three passes
+        inv_steps = _add_constant(gm, f"{layer_node.target}_input_inv_steps{suffix}", 1.0 / steps)
+        return graph.create_node(
+            "call_function",
+            quantize_uint8_per_channel,
+            (x0, inv_steps, int(z), axis, amin, amax),
+            name=name,
+        ), None
     step_node = _add_constant(gm, f"{layer_node.target}_input_steps{suffix}", steps)
     zp_node = _add_constant(
         gm,
@@ -247,6 +257,8 @@ class LoweredLayer:
     act_qparams: list[tuple[float, int, int, int]]
     form: str
     act_table: list[tuple[float, int, int, int]] | None = None
+    #: why the layer is in the reference form although the backend asked for int8 kernels
+    fallback: str | None = None
 
 
 def _dequantize_per_tensor(gm, layer: _LayerInputs, q: fx.Node, g: int) -> fx.Node:
@@ -263,7 +275,7 @@ def lower_plain(gm: fx.GraphModule, layer: _LayerInputs, backend: str) -> Lowere
     """A layer with per-tensor activation steps, one input group or a split concatenation
     (one quantize per concatenated input): int8 kernel or reference form."""
     weights, qmin, qmax = integer_weights(layer.layer, layer.spec)
-    form = _choose_form(backend, weights, layer.act_qparams, qmin, qmax)
+    form, fallback = _choose_form(backend, weights, layer.act_qparams, qmin, qmax)
     inputs = []
     with gm.graph.inserting_before(layer.node):
         for g, qnode in enumerate(layer.quant_nodes):
@@ -271,7 +283,7 @@ def lower_plain(gm: fx.GraphModule, layer: _LayerInputs, backend: str) -> Lowere
                 gm, qnode.args[0], layer.act_qparams[g], form, layer.node, layer.suffix(g)
             )
             inputs.append(q if form == "int8" else _dequantize_per_tensor(gm, layer, q, g))
-    return LoweredLayer(inputs, weights, qmin, qmax, layer.act_qparams, form)
+    return LoweredLayer(inputs, weights, qmin, qmax, layer.act_qparams, form, fallback=fallback)
 
 
 def lower_pts(gm: fx.GraphModule, layer: _LayerInputs, backend: str) -> LoweredLayer:
@@ -290,10 +302,10 @@ def lower_pts(gm: fx.GraphModule, layer: _LayerInputs, backend: str) -> LoweredL
         spec.pts_lowering = "shift"
         weights, qmin, qmax = shifted, -128, 127
         act_qparams = [(s / 2**max_shift, z, lo, hi) for s, z, lo, hi in act_qparams]
-        form = _choose_form(backend, weights, act_qparams, qmin, qmax)
+        form, fallback = _choose_form(backend, weights, act_qparams, qmin, qmax)
     else:
         spec.pts_lowering = "dequant"
-        form = "reference"  # per-channel steps: dequantized before a float conv
+        form, fallback = "reference", None  # per-channel steps: dequantized before a float conv
     kernel = dataclasses.replace(layer, act_qparams=act_qparams)
     inputs = []
     with gm.graph.inserting_before(layer.node):
@@ -323,7 +335,7 @@ def lower_pts(gm: fx.GraphModule, layer: _LayerInputs, backend: str) -> LoweredL
                         name=f"{layer.node.name}_input_dq{layer.suffix(g)}",
                     )
                 )
-    return LoweredLayer(inputs, weights, qmin, qmax, act_qparams, form)
+    return LoweredLayer(inputs, weights, qmin, qmax, act_qparams, form, fallback=fallback)
 
 
 def lower_timestep_table(gm: fx.GraphModule, layer: _LayerInputs, backend: str) -> LoweredLayer:
@@ -398,19 +410,26 @@ def _fold_les_into_norms(gm: fx.GraphModule) -> None:
         gm.graph.erase_node(node)
 
 
-def _choose_form(backend: str, weights, act_qparams, qmin: int, qmax: int) -> str:
+#: why a layer was lowered in the reference form on the x86 backend (LoweredLayer.fallback)
+SATURATION = "int16 pair sums could saturate (CPU without VNNI / AMX)"
+
+
+def _choose_form(
+    backend: str, weights, act_qparams, qmin: int, qmax: int
+) -> tuple[str, str | None]:
+    """The kernel form of a layer and, for a reference form the backend did not ask for, why."""
     if backend == "reference":
-        return "reference"
+        return "reference", None
     for _, _, zp in weights:
         if (qmin - zp).min() < -128 or (qmax - zp).max() > 127:
             # An affine 8-bit weight minus its zero point does not fit int8.
-            return "reference"
+            return "reference", "the weight minus its zero point does not fit int8"
     if not cpu_has_int8_dot_product():
         for (w_int, _, zp), (_, _, _, act_qmax) in zip(weights, act_qparams):
             w8 = w_int.int() - zp.view(-1, *([1] * (w_int.dim() - 1)))
             if int16_pair_bound(w8, act_qmax) > INT16_MAX:
-                return "reference"
-    return "int8"
+                return "reference", SATURATION
+    return "int8", None
 
 
 def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule:
@@ -440,10 +459,15 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
         node.meta[ANNOTATION_KEY] = dataclasses.replace(node.meta[ANNOTATION_KEY])
     les_owners = {n.meta[ANNOTATION_KEY].les_owner for n in quantized_layer_nodes(gm)} - {None}
     _fold_les_into_norms(gm)
+    saturating = []
     for node in quantized_layer_nodes(gm):
         layer = _layer_inputs(gm, node)
-        lower = _LOWERINGS[_layer_kind(layer.spec)]
-        _replace_layer(gm, layer, lower(gm, layer, backend))
+        lowered = _LOWERINGS[_layer_kind(layer.spec)](gm, layer, backend)
+        if lowered.fallback == SATURATION:
+            saturating.append(str(node.target))
+        _replace_layer(gm, layer, lowered)
+    if saturating:
+        _warn_saturation(saturating, len(quantized_layer_nodes(prepared)))
     for owner in les_owners:
         gm.delete_submodule(les_scale_name(owner))
     gm.graph.lint()
@@ -451,6 +475,19 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
     record = graph_state(gm)
     record.state, record.backend, record.converted_from = "converted", backend, converted_from
     return gm
+
+
+def _warn_saturation(layers: list[str], total: int) -> None:
+    """Say once per graph that layers run in the slower reference form, and what would not."""
+    warnings.warn(
+        f"convert_fx(backend='x86'): {len(layers)} of {total} quantized layers (e.g. "
+        f"'{layers[0]}') run in the exact but slower reference form: on this CPU without VNNI / "
+        "AMX int8 kernels add pairs of u8 x s8 products in int16, which these layers could "
+        "overflow. Fast choices here: 7-bit activations (act_bits=7, as torch.ao's x86 default) "
+        "or 4-bit weights (weight_bits=4); dmq_fx.summary() shows each layer's form.",
+        ReferenceFormWarning,
+        stacklevel=3,
+    )
 
 
 def _check_convertible(prepared: fx.GraphModule, backend: str) -> None:

@@ -28,6 +28,7 @@ __all__ = [
     "cpu_has_int8_dot_product",
     "int16_pair_bound",
     "quantize_uint8",
+    "quantize_uint8_per_channel",
     "select_timestep_entry",
 ]
 
@@ -49,20 +50,57 @@ def quantize_uint8(
     )
 
 
+def quantize_uint8_per_channel(
+    x: torch.Tensor,
+    inv_steps: torch.Tensor,
+    zero_point: int,
+    axis: int,
+    quant_min: int,
+    quant_max: int,
+) -> torch.Tensor:
+    """``clamp(round(x * inv_steps[c]) + zero_point, quant_min, quant_max)`` as uint8, one step
+    per channel along ``axis`` (``inv_steps`` = ``1 / steps`` in float32): the integers of
+    ``quantized_decomposed.quantize_per_channel`` with the steps, without its permutes and
+    copies (the LES and PTS quantize steps of int8 layers)."""
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return (
+        torch.round(x * inv_steps.view(shape))
+        .add_(zero_point)
+        .clamp_(quant_min, quant_max)
+        .to(torch.uint8)
+    )
+
+
 def select_timestep_entry(timestep, grid: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """The row of ``table`` for the calibrated timestep nearest to the call's ``timestep``.
 
     A lowered graph quantizes a whole batch with one entry, so every sample of the call must
     share one timestep (samplers call the UNet so); a timestep outside the calibrated range or a
-    mix raises :class:`~dmq_fx.errors.TimestepOutOfGridError`.
+    mix raises :class:`~dmq_fx.errors.TimestepOutOfGridError`. The choice is a custom op
+    (``dmq_fx::select_timestep_entry``, with a fake kernel), so ``torch.compile`` keeps it in one
+    graph: the index depends on the timestep's value.
     """
-    t = torch.as_tensor(timestep).reshape(-1)
+    return _select_timestep_entry(torch.as_tensor(timestep), grid, table)
+
+
+@torch.library.custom_op("dmq_fx::select_timestep_entry", mutates_args=())
+def _select_timestep_entry(
+    timestep: torch.Tensor, grid: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    t = timestep.reshape(-1)
     if t.numel() > 1 and not bool((t == t[0]).all()):
         raise TimestepOutOfGridError(
             "a lowered graph with per-timestep activation tables quantizes a batch with one "
             f"table entry: call it with one timestep per batch, got {t.unique().tolist()}"
         )
-    return table[int(nearest_grid_index(grid, t[:1])[0])]
+    return table[int(nearest_grid_index(grid, t[:1])[0])].clone()  # (a custom op's output
+    # must not alias its input)
+
+
+@_select_timestep_entry.register_fake
+def _(timestep: torch.Tensor, grid: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    return table.new_empty(table.shape[1:])
 
 
 def _cpu_flags() -> set[str]:
@@ -145,16 +183,17 @@ class QuantizedLayer(torch.nn.Module):
         return (w - zp).to(torch.int8)
 
     def dequantized_weight(self, g: int) -> torch.Tensor:
+        """``(W_int - zero_point) * scale`` per output channel, in float32.
+
+        The arithmetic of ``quantized_decomposed.dequantize_per_channel`` (the same values),
+        written out: under ``torch.compile`` inductor's x86 passes turn that op followed by a
+        conv into an int8 kernel, and a reference-form layer must stay exact (on AVX2 the int8
+        kernel could saturate exactly where this form was chosen to avoid it).
+        """
         w = getattr(self, f"weight_int_{g}")
-        return _qd.dequantize_per_channel(
-            w,
-            getattr(self, f"weight_scale_{g}"),
-            getattr(self, f"weight_zero_point_{g}"),
-            0,
-            self.weight_quant_min,
-            self.weight_quant_max,
-            w.dtype,
-        )
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        zero_point = getattr(self, f"weight_zero_point_{g}").view(shape)
+        return (w.int() - zero_point) * getattr(self, f"weight_scale_{g}").view(shape)
 
     def _packed_weights(self) -> list[torch.Tensor]:
         if self._packed is None:
