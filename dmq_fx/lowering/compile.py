@@ -26,6 +26,7 @@ from torch import fx
 
 from dmq_fx.errors import ConvertError, TimestepOutOfGridError
 from dmq_fx.graph.meta import graph_state
+from dmq_fx.lowering.quantized_modules import QuantizedLayer
 from dmq_fx.observers import nearest_grid_index
 
 __all__ = ["CompiledQuantizedGraph", "compile"]
@@ -101,6 +102,9 @@ def compile(  # noqa: A001  (dmq_fx.compile, as torch.compile)
         raise ConvertError(
             f"dmq_fx.compile() takes the graph returned by dmq_fx.convert_fx, got {state!r}"
         )
+    for module in quantized.modules():
+        if isinstance(module, QuantizedLayer) and module.form == "int8":
+            module.pack()  # onednn's prepack has no fake kernel: pack before tracing
     compiled = torch.compile(
         quantized,
         fullgraph=True,

@@ -195,6 +195,10 @@ class QuantizedLayer(torch.nn.Module):
         zero_point = getattr(self, f"weight_zero_point_{g}").view(shape)
         return (w.int() - zero_point) * getattr(self, f"weight_scale_{g}").view(shape)
 
+    def pack(self) -> None:
+        """Pack the int8 weights for onednn now (otherwise done at the first call)."""
+        self._packed_weights()
+
     def _packed_weights(self) -> list[torch.Tensor]:
         if self._packed is None:
             packed = []
