@@ -6,8 +6,9 @@ import dmq_fx
 from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
 
 pytest.importorskip("torchao", reason="pt2e needs the optional torchao")
-from dmq_fx.pt2e import DMQQuantizer, export_unet, prepare_float_model  # noqa: E402
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: E402
+
+from dmq_fx.pt2e import DMQQuantizer, export_unet, prepare_float_model  # noqa: E402
 
 QD = torch.ops.quantized_decomposed
 
