@@ -73,8 +73,14 @@ def test_compile_refuses_a_graph_that_is_not_converted():
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["x86", "reference"])
 def test_conditional_unet_compiles_in_both_forms(backend):
+    """x86: the DMQ structure on a text-conditional UNet (LES folded into LayerNorms before
+    q / k / v, per-channel steps elsewhere, PTS shifts); reference: plain min-max."""
     torch._dynamo.reset()
-    model, quantized = _converted(TINY_SD, backend=backend)
+    flags = {"stages": DMQ_STRUCTURE, "les": True, "pts": "skip"} if backend == "x86" else {}
+    model, quantized = _converted(TINY_SD, backend=backend, **flags)
+    if backend == "x86":
+        rewrites = ",".join(r["dmq"] for r in dmq_fx.summary(quantized).rows)
+        assert "les:norm" in rewrites and "les:step" in rewrites
     _check_against_eager(model, quantized, dmq_fx.compile(quantized, dynamic=True), (4, 2))
 
 

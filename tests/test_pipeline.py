@@ -46,6 +46,21 @@ def test_ddpm_pipeline_generates_with_the_quantized_unet():
     assert np.array_equal(_generate(again), out["q"])
 
 
+@pytest.mark.slow
+def test_ddpm_pipeline_with_a_compiled_unet_generates_the_eager_images():
+    torch._dynamo.reset()
+    pipe = DDPMPipeline(
+        unet=build_unet(TINY_DDPM), scheduler=DDIMScheduler(beta_schedule="squaredcos_cap_v2")
+    )
+    config = {"preset": "minmax", "act_bits": 8, **FAST}
+    eager = dmq_fx.quantize_pipeline(pipe, config, progress=False)
+    compiled = dmq_fx.quantize_pipeline(pipe, {**config, "compile": True}, progress=False)
+    assert compiled.unet.compiled is not None and eager.unet.compiled is None
+    fp, q, qc = _generate(pipe), _generate(eager), _generate(compiled)
+    # the compiled UNet's images sit far closer to the eager quantized ones than to float
+    assert np.abs(qc - q).mean() < 0.25 * np.abs(q - fp).mean()
+
+
 def _tiny_stable_diffusion(tmp_path):
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in "abcdefghijklmnopqrstuvwxyz":

@@ -17,6 +17,7 @@ import torch
 from torch import fx
 
 from dmq_fx.errors import ConfigError
+from dmq_fx.lowering.compile import compile as compile_graph
 from dmq_fx.lowering.convert import BACKENDS, convert_fx
 from dmq_fx.methods.presets import PREPARE_FLAGS, PRESETS
 from dmq_fx.quantize.prepare import prepare_fx
@@ -42,7 +43,9 @@ class QuantizationConfig:
     every step) or
     ``"tdac"`` (EDA-DM's selection of ``num_inference_steps * samples_per_step`` samples, at
     least ``min_per_step`` per step, density radius ``tdac_radius``); ``timestep_tables``:
-    per-timestep activation parameters; ``batch_size``: calibration batches; ``seed``.
+    per-timestep activation parameters; ``batch_size``: calibration batches; ``seed``;
+    ``compile``: run the UNet through :func:`dmq_fx.compile` (torch.compile with inductor: one
+    fused graph on int8 kernels; the first call of each batch shape compiles, a minute or more).
     """
 
     preset: str = "dmq"
@@ -58,6 +61,7 @@ class QuantizationConfig:
     timestep_tables: bool = False
     batch_size: int = 32
     seed: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -94,11 +98,15 @@ class QuantizedUNet(torch.nn.Module):
     """A converted graph in the place of a diffusers UNet: the float UNet's ``config``,
     ``dtype`` and ``device`` (what pipelines read) around the quantized forward."""
 
-    def __init__(self, graph: fx.GraphModule, config: Any, dtype: torch.dtype):
+    def __init__(
+        self, graph: fx.GraphModule, config: Any, dtype: torch.dtype, compiled: bool = False
+    ):
         super().__init__()
         self.graph = graph
         self.config = config
         self._dtype = dtype
+        #: the torch.compile version of ``graph`` that forward runs, or None (eager)
+        self.compiled = compile_graph(graph) if compiled else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -110,7 +118,8 @@ class QuantizedUNet(torch.nn.Module):
         return tensors[0].device if tensors else torch.device("cpu")
 
     def forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
-        return self.graph(sample, timestep, *args, **kwargs)
+        run = self.compiled if self.compiled is not None else self.graph
+        return run(sample, timestep, *args, **kwargs)
 
 
 def _prompt_embeddings(pipe: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -209,7 +218,7 @@ def quantize_pipeline(
     )
     calibrate(prepared, batches, PRESETS[cfg.preset], progress=progress)
     lowered = convert_fx(prepared, cfg.backend)
-    quantized = QuantizedUNet(lowered, pipe.unet.config, pipe.unet.dtype)
+    quantized = QuantizedUNet(lowered, pipe.unet.config, pipe.unet.dtype, compiled=cfg.compile)
     # a scheduler of its own: set_timesteps on one pipeline must not move the other's
     components = dict(pipe.components, unet=quantized, scheduler=copy.deepcopy(pipe.scheduler))
     return type(pipe)(**components)
