@@ -23,7 +23,7 @@ from dmq_fx.passes import input_quantizer_name  # noqa: E402
 from dmq_fx_bench.reference_models import load_fashion28  # noqa: E402
 
 import dmq_fx  # noqa: E402
-from dmq_fx.quantize.annotate import quantized_layer_nodes  # noqa: E402
+from dmq_fx.graph.meta import quantized_layer_nodes  # noqa: E402
 from dmq_fx.workflow.calibration_data import collect_calibration_data  # noqa: E402
 
 

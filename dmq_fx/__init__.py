@@ -4,6 +4,8 @@ The workflow mirrors torch.ao's: ``trace`` (optional), ``prepare_fx``, ``calibra
 ``convert_fx``, then ``summary`` to inspect the result.
 """
 
+import sys
+
 from dmq_fx.errors import (
     CalibrationError,
     ConfigError,
@@ -35,6 +37,17 @@ from dmq_fx.workflow.pipeline import QuantizationConfig, QuantizedUNet, quantize
 from dmq_fx.workflow.report import QuantReport, report
 from dmq_fx.workflow.serialization import load, save
 from dmq_fx.workflow.summary import QuantSummary, summary
+
+# the module names of the flat layout, kept importable (``from dmq_fx.les import LearnLES``)
+for _name, _module in {
+    "adaround": adaround,
+    "blocks": blocks,
+    "calibration": calibration,
+    "fbr": fbr,
+    "les": les,
+    "pts": pts,
+}.items():
+    sys.modules.setdefault(f"{__name__}.{_name}", _module)
 
 __all__ = [
     "AdaRound",

@@ -73,3 +73,14 @@ def test_ci_runs_the_readme_test_command():
         "python -m pytest -q",
     ):
         assert command in readme and command in ci, command
+
+
+def test_flat_layout_module_paths_still_import():
+    """Code written against the flat package (``from dmq_fx.les import ...``) keeps working."""
+    from dmq_fx.blocks import capture_unit_inputs
+    from dmq_fx.calibration import collect_calibration_data
+    from dmq_fx.les import LearnLES
+
+    assert LearnLES is dmq_fx.LearnLES
+    assert collect_calibration_data is dmq_fx.calibration.collect_calibration_data
+    assert capture_unit_inputs.__module__ == "dmq_fx.graph.units"
