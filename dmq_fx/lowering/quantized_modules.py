@@ -8,8 +8,9 @@ and runs in one of two forms:
   accumulate in integers and rescale to a float32 output (no output requantization), with weights
   ``W_int - zero_point`` as int8.
 - ``"reference"``: inputs are dequantized float tensors (``quantized_decomposed`` quantize /
-  dequantize nodes in the graph); the weight is dequantized with ``quantized_decomposed`` ops and
-  the float conv / linear runs. This is the bit-exact specification of the int8 form.
+  dequantize nodes in the graph); the weight is dequantized per channel, ``(W_int - z) * s``
+  (the arithmetic of ``quantized_decomposed.dequantize_per_channel``), and the float conv /
+  linear runs. This is the bit-exact specification of the int8 form.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ __all__ = [
     "select_timestep_entry",
 ]
 
-_qd = torch.ops.quantized_decomposed
 #: Largest int16: AVX2 int8 kernels saturate pairs of u8 x s8 products above it.
 INT16_MAX = 32767
 

@@ -56,9 +56,8 @@ def run_stages(
             checkpoint = CalibrationCheckpoint(checkpoint_dir, [s.name for s in stages], batches)
             checkpoint.restore(prepared)
         for index, stage in enumerate(stages):
-            ctx = CalibrationContext(batches, progress, seed=seed, group=group)
             if checkpoint is None:
-                stage(prepared, ctx)
+                stage(prepared, CalibrationContext(batches, progress, seed=seed, group=group))
                 continue
             if index < checkpoint.start_stage:
                 continue
