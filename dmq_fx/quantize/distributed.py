@@ -5,7 +5,11 @@ Launch one process per device with ``torchrun``, call ``torch.distributed.init_p
 :func:`dmq_fx.calibrate` with each rank's own shard of the calibration data. The stages then
 combine the ranks:
 
-- ``observe_activations``: every activation range is the min / max over the ranks' ranges;
+- ``observe_activations``: the (min, max) each activation observer saw in each batch is
+  gathered from every rank and the observers' moving averages are replayed in the order of one
+  process taking the ranks' batches in turn (batch ``k`` of rank ``r`` at position
+  ``k * world + r``): the ranges of a single process on the union of shards
+  ``data[rank::world]``, bit for bit;
 - ``vote_pts``: the votes (and summed errors) of all ranks are added before the decision;
 - ``smoothquant``: ``max|X_c|`` over all ranks;
 - ``learn_les``, ``adaround``, ``fbr``: gradients are averaged over the ranks after every
@@ -36,6 +40,7 @@ __all__ = [
     "average_gradients",
     "barrier",
     "is_writer",
+    "RangeRecorder",
     "sync_activation_ranges",
     "sync_votes",
     "use_group",
@@ -91,20 +96,76 @@ def average_gradients(params: Iterable[torch.Tensor]) -> None:
             p.grad /= world
 
 
-def sync_activation_ranges(quantizers: Iterable) -> None:
-    """Min / max of every activation observer over the ranks, then the quantizers' qparams
-    from the combined range."""
+class RangeRecorder:
+    """Records, per batch, the ``(min, max)`` every activation observer computes at each call
+    (``torch.aminmax`` of its input, as torch.ao's min / max observers do); in one process it
+    records nothing.
+
+    Use as ``with RangeRecorder(quantizers) as rec:`` around the batches, calling
+    ``rec.next_batch()`` after each one, then :func:`sync_activation_ranges` with it.
+    """
+
+    def __init__(self, quantizers: Iterable) -> None:
+        self.quantizers = list(quantizers)
+        self.batches: list[list[tuple[int, torch.Tensor]]] = []
+        self._current: list[tuple[int, torch.Tensor]] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> RangeRecorder:
+        if active():
+            for i, q in enumerate(self.quantizers):
+                if isinstance(q, TimestepTableFakeQuantize):
+                    raise ConfigError(
+                        "per-timestep activation tables are not supported with torch.distributed "
+                        "yet: each rank sees other timesteps; calibrate them in one process"
+                    )
+                obs = q.activation_post_process
+                self._handles.append(obs.register_forward_pre_hook(self._hook(i, obs)))
+        return self
+
+    def _hook(self, index: int, observer: torch.nn.Module):
+        def record(module, inputs):
+            x = inputs[0].detach()
+            if x.numel():
+                lo, hi = torch.aminmax(x.to(observer.min_val.dtype))
+                self._current.append((index, torch.stack([lo, hi]).cpu()))
+
+        return record
+
+    def next_batch(self) -> None:
+        if self._handles:
+            self.batches.append(self._current)
+            self._current = []
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def sync_activation_ranges(recorder: RangeRecorder) -> None:
+    """Replace every activation observer's range by that of one process observing all ranks'
+    batches in turn (see the module docstring), then the quantizers' qparams from it."""
     if not active():
         return
-    for q in quantizers:
-        if isinstance(q, TimestepTableFakeQuantize):
-            raise ConfigError(
-                "per-timestep activation tables are not supported with torch.distributed yet: "
-                "each rank sees other timesteps; calibrate them in one process"
-            )
-        obs = q.activation_post_process
-        all_reduce_(obs.min_val, "min")
-        all_reduce_(obs.max_val, "max")
+    group = _GROUP.get()
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, recorder.batches, group=group)
+    in_turn = [
+        batches[k]
+        for k in range(max(len(b) for b in gathered))
+        for batches in gathered
+        if k < len(batches)
+    ]
+    observers = [q.activation_post_process for q in recorder.quantizers]
+    for obs in observers:
+        obs.reset_min_max_vals()
+    for calls in in_turn:
+        for index, lo_hi in calls:
+            # the observer's own update (moving average or min / max) on a tensor whose
+            # aminmax is the recorded one: the same arithmetic as in one process
+            observers[index](lo_hi.to(observers[index].min_val.device))
+    for q in recorder.quantizers:
         scale, zero_point = q.calculate_qparams()
         q.scale.resize_(scale.shape).copy_(scale)
         q.zero_point.resize_(zero_point.shape).copy_(zero_point)

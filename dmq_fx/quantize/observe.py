@@ -24,10 +24,12 @@ def observe_activations(gm: fx.GraphModule, ctx: CalibrationContext) -> None:
     """Run the batches with activation observers on and every quantizer passing float through."""
     set_quantizer_mode(gm, "float", which="weights")
     set_quantizer_mode(gm, "observe", which="activations")
-    with torch.no_grad():
-        for args, kwargs in tqdm(ctx.batches, desc="observe activations", disable=not ctx.progress):
+    batches = tqdm(ctx.batches, desc="observe activations", disable=not ctx.progress)
+    with torch.no_grad(), distributed.RangeRecorder(input_quantizers(gm)) as ranges:
+        for args, kwargs in batches:
             gm(*args, **kwargs)
-    distributed.sync_activation_ranges(input_quantizers(gm))  # no-op in one process
+            ranges.next_batch()
+    distributed.sync_activation_ranges(ranges)  # no-op in one process
 
 
 def observe_weights(gm: fx.GraphModule, ctx: CalibrationContext) -> None:
