@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import (
@@ -15,6 +16,21 @@ from dmq_fx.graph.unet_configs import (
 # Under pytest-xdist (README's `-n 2`) each worker gets one of the 2 cores: the tiny models'
 # ops gain little from a second thread, and two threads per worker would oversubscribe.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+# Hypothesis: CI draws the same examples every run (derandomized, no example database);
+# HYPOTHESIS_PROFILE=long draws many more, randomly, for a local search.
+settings.register_profile(
+    "ci",
+    max_examples=8,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "long", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 TINY_CONFIGS = {"ddpm": TINY_DDPM, "class_cond": TINY_CLASS_CONDITIONAL, "sd": TINY_SD}
 

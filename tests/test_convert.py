@@ -1,10 +1,14 @@
 import functools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import prepared_and_calibrated, state_snapshot
 
 import dmq_fx
+import dmq_fx.lowering.convert as convert_module
 from dmq_fx.graph.meta import graph_state
 from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
 from dmq_fx.lowering.quantized_modules import (
@@ -140,49 +144,52 @@ def test_native_graph_structure():
     assert not any(isinstance(m, torch.ao.quantization.FakeQuantizeBase) for m in nat.modules())
 
 
+@pytest.mark.parametrize("int8_dot_product", [True, False], ids=["vnni", "avx2"])
 @pytest.mark.parametrize("wb,ab", BITS)
-def test_layer_form_follows_the_int16_saturation_bound(wb, ab):
-    _, _, _, nat = graphs("ddpm", wb, ab)
+def test_layer_form_follows_the_int16_saturation_bound(wb, ab, int8_dot_product, monkeypatch):
+    """Both decisions on every machine: the CPU's answer is forced."""
+    _, sim, _, _ = graphs("ddpm", wb, ab)
+    monkeypatch.setattr(convert_module, "cpu_has_int8_dot_product", lambda: int8_dot_product)
+    nat = dmq_fx.convert_fx(sim, "x86")
+    forms = {}
     for name, m in nat.named_modules():
         if not isinstance(m, QuantizedLayer):
             continue
         bound = max(
             int16_pair_bound(m.integer_weight(g), m.act_qparams[g][3]) for g in range(m.num_groups)
         )
-        if cpu_has_int8_dot_product():
-            assert m.form == "int8", name
-        else:
-            assert m.form == ("int8" if bound <= 32767 else "reference"), name
-    if not cpu_has_int8_dot_product():
-        forms = {m.form for m in nat.modules() if isinstance(m, QuantizedLayer)}
-        assert forms == ({"reference"} if (wb, ab) == (8, 8) else {"int8"})
+        expected = "int8" if int8_dot_product or bound <= 32767 else "reference"
+        assert m.form == expected, name
+        forms[name] = m.form
+    expected_forms = {"reference"} if (wb, ab) == (8, 8) and not int8_dot_product else {"int8"}
+    assert set(forms.values()) == expected_forms
 
 
-@pytest.mark.skipif(cpu_has_int8_dot_product(), reason="VNNI/AMX CPUs accumulate in int32")
-def test_full_range_w8a8_saturates_int8_kernels_on_this_cpu():
-    """Why the bound exists: u8 x s8 pairs above 32767 are clipped by AVX2 int8 kernels."""
+def test_avx2_kernels_saturate_and_the_fallback_keeps_layers_exact():
+    """Under ``ONEDNN_MAX_CPU_ISA=AVX2`` (onednn's AVX2 int8 kernels, on any x86 CPU): the
+    kernel saturates, dmq_fx detects it, and every layer of a converted W8A8 / W8A7 / W4A8
+    graph still equals the reference form (layers over the bound fall back to it); forcing
+    int8 kernels on the W8A8 layers breaks that (tests/isa_check.py)."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1")
+    script = os.path.join(os.path.dirname(__file__), "isa_check.py")
+    done = subprocess.run(
+        [sys.executable, script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "checked: saturation, detection, fallback exact, forced int8 wrong" in done.stdout
+
+
+def test_int8_dot_product_detection_runs_the_kernel():
+    """The decision is the kernel's own behaviour on the saturating case, not the CPU flags."""
     x = torch.full((1, 64), 255, dtype=torch.uint8)
     w = torch.full((8, 64), 127, dtype=torch.int8)
-    scale = torch.ones(8)
-    packed = torch.ops.onednn.qlinear_prepack(w, None)
     out = torch.ops.onednn.qlinear_pointwise(
-        x,
-        1.0,
-        0,
-        packed,
-        scale,
-        torch.zeros(8, dtype=torch.int32),
-        None,
-        1.0,
-        0,
-        torch.float32,
-        "none",
-        [],
-        "",
-    )
-    exact = 255.0 * 127 * 64
+        x, 1.0, 0, torch.ops.onednn.qlinear_prepack(w, None), torch.ones(8),
+        torch.zeros(8, dtype=torch.int32), None, 1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+    exact = bool((out == 255.0 * 127 * 64).all())
+    assert cpu_has_int8_dot_product() == exact
     assert int16_pair_bound(w, 255) > 32767
-    assert (out - exact).abs().max() > 0.01 * exact
 
 
 def test_converted_graph_batch_timestep_and_return_dict():

@@ -1,9 +1,14 @@
-"""Fuzzed diffusers UNet configs: trace matches eager, and prepare / calibrate / convert either
-work with the lowered graph agreeing with its simulation or raise a named dmq_fx error."""
+"""Fuzzed diffusers UNet configs: trace matches eager, and prepare / calibrate / convert work,
+with the lowered graph within the documented bound of its simulation; only the named errors in
+``ACCEPTED`` may refuse a config, and most drawn configs must convert.
+
+Hypothesis profiles (``tests/conftest.py``): ``ci`` (default) draws a fixed, derandomized set
+of examples; ``HYPOTHESIS_PROFILE=long`` draws many more, randomly, for local runs.
+"""
 
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import dmq_fx
@@ -56,15 +61,17 @@ def _inputs(cls, config, batch, seed):
     return (sample, timestep), kwargs
 
 
-@given(unet_configs(), st.sampled_from([(8, 8), (4, 8), (4, 6)]), st.booleans())
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_fuzzed_unets_trace_and_quantize_or_raise_named_errors(drawn, bits, pts):
-    cls, config = drawn
+#: the dmq_fx errors a drawn config may raise instead of converting, and why that is right.
+#: Empty today: every config the strategy draws is one dmq_fx supports, so any error fails.
+ACCEPTED: dict[type, str] = {}
+#: the share of drawn configs that must convert and meet the bound
+MIN_CONVERTED = 0.8
+
+
+def quantize_or_refuse(cls, config, bits, pts) -> str:
+    """``"converted"`` or the accepted error's class name; asserts everything else."""
     torch.manual_seed(0)
-    try:
-        model = cls(**config).eval()
-    except (ValueError, TypeError, AssertionError):
-        return  # diffusers itself refuses this combination
+    model = cls(**config).eval()  # (diffusers accepts every config the strategy draws)
     example = _inputs(cls, config, 2, 0)
     graph = dmq_fx.trace(model, *example)  # checks the example against eager
     a, k = _inputs(cls, config, 3, 1)
@@ -81,12 +88,26 @@ def test_fuzzed_unets_trace_and_quantize_or_raise_named_errors(drawn, bits, pts)
         )
         dmq_fx.calibrate(prepared, data, "pts" if pts else "minmax", progress=False)
         lowered = dmq_fx.convert_fx(prepared, "x86")
-    except dmq_fx.DMQError as e:
-        assert str(e)  # a named error with a message, nothing else escapes
-        return
+    except tuple(ACCEPTED) as e:
+        assert str(e), type(e).__name__
+        return type(e).__name__
     with torch.no_grad():
         sim = prepared(*a, **k).sample
         low = lowered(*a, **k).sample
     # the documented end-to-end bound between lowering and simulation (tests/test_convert.py)
     q_err = (sim - fp).norm()
     assert (low - sim).norm() <= 0.5 * q_err + 1e-6 * fp.norm()
+    return "converted"
+
+
+def test_fuzzed_unets_trace_and_quantize():
+    outcomes = []
+
+    @given(unet_configs(), st.sampled_from([(8, 8), (4, 8), (4, 6)]), st.booleans())
+    def draw(drawn, bits, pts):
+        outcomes.append(quantize_or_refuse(*drawn, bits, pts))
+
+    draw()
+    assert outcomes, "no example was drawn"
+    converted = outcomes.count("converted") / len(outcomes)
+    assert converted >= MIN_CONVERTED, outcomes

