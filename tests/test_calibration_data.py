@@ -130,5 +130,21 @@ def test_collected_data_calibrates_a_prepared_unet(ddpm, collected):
     assert sum(b[0][0].shape[0] for b in batches) == len(collected)
     assert len({int(t) for b in batches[:1] for t in b[0][1]}) > 1  # timesteps mixed
     dmq_fx.calibrate(prepared, batches, progress=False)
-    fq = prepared.get_submodule("down_blocks.0.resnets.0.conv1_input_quant")
-    assert torch.isfinite(fq.scale).all() and float(fq.scale) > 0
+    # a direct computation: the layer's float inputs over the batches, in order, through a fresh
+    # torch.ao observer of the same kind
+    name = "down_blocks.0.resnets.0.conv1"
+    fq = prepared.get_submodule(f"{name}_input_quant")
+    observer = type(fq.activation_post_process)(
+        averaging_constant=fq.activation_post_process.averaging_constant,
+        quant_min=fq.quant_min,
+        quant_max=fq.quant_max,
+        dtype=torch.quint8,
+    )
+    hook = ddpm.get_submodule(name).register_forward_pre_hook(lambda m, i: observer(i[0]))
+    with torch.no_grad():
+        for a, k in batches:
+            ddpm(*a, **k)
+    hook.remove()
+    scale, zero_point = observer.calculate_qparams()
+    assert float(fq.scale) == pytest.approx(float(scale), rel=1e-6)
+    assert int(fq.zero_point) == int(zero_point)

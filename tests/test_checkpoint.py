@@ -1,8 +1,8 @@
 import json
+import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
@@ -78,10 +78,19 @@ def test_interrupted_calibration_resumes_bit_identically(tmp_path):
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, torch
+    import os, signal, sys, torch
     sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
     import dmq_fx
+    from dmq_fx.quantize.checkpoint import CalibrationCheckpoint
+    if len(sys.argv) > 3:  # "kill": SIGKILL this process once progress.json records the
+        # second finished AdaRound unit (a real kill: no cleanup, no finally)
+        write_progress = CalibrationCheckpoint._set_progress
+        def set_progress(self, stage, units):
+            write_progress(self, stage, units)
+            if stage == 2 and units >= 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        CalibrationCheckpoint._set_progress = set_progress
     from conftest import calibration_data
     from dmq_fx.quantize.state import learned_state
     from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet, example_inputs
@@ -109,17 +118,12 @@ def test_killed_process_resumes_to_the_uninterrupted_result(tmp_path):
     subprocess.run(
         [*run, str(tmp_path / "clean"), str(tmp_path / "clean.st")], check=True, timeout=600
     )
-    proc = subprocess.Popen([*run, str(tmp_path / "ckpt"), str(tmp_path / "resumed.st")])
-    progress = tmp_path / "ckpt" / "progress.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if progress.exists():
-            state = json.loads(progress.read_text())
-            if state["stage"] == 2 and state["units"] >= 2:  # inside AdaRound
-                proc.kill()
-                break
-        time.sleep(0.02)
-    assert proc.wait(timeout=60) != 0, "the run finished before it could be killed"
+    killed = subprocess.run(
+        [*run, str(tmp_path / "ckpt"), str(tmp_path / "resumed.st"), "kill"], timeout=600
+    )
+    assert killed.returncode == -signal.SIGKILL
+    state = json.loads((tmp_path / "ckpt" / "progress.json").read_text())
+    assert (state["stage"], state["units"]) == (2, 2)  # killed inside AdaRound
     assert not (tmp_path / "resumed.st").exists()
     subprocess.run(
         [*run, str(tmp_path / "ckpt"), str(tmp_path / "resumed.st")], check=True, timeout=600

@@ -193,11 +193,23 @@ def test_int8_dot_product_detection_runs_the_kernel():
 
 
 def test_converted_graph_batch_timestep_and_return_dict():
-    model, _, _, nat = graphs("ddpm", 4, 8)
-    for batch, t in ((1, 5), (7, torch.tensor(5)), (3, torch.tensor([1, 2, 3]))):
-        x = torch.randn(batch, 3, 16, 16)
-        assert nat(x, t).sample.shape == x.shape
-        assert isinstance(nat(x, t, return_dict=False), tuple)
+    """Any batch size and every timestep form: the lowered graph's output against the
+    simulation's (the end-to-end bound of test_unet_outputs_agree...), and the timestep forms of
+    one call give the same numbers."""
+    model, sim, _, nat = graphs("ddpm", 4, 8)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for batch, t in ((1, 5), (7, torch.tensor(5)), (3, torch.tensor([1, 200, 900]))):
+            x = torch.randn(batch, 3, 16, 16, generator=g)
+            out = nat(x, t).sample
+            fp, s = model(x, t).sample, sim(x, t).sample
+            assert (out - s).norm() < 0.5 * (s - fp).norm(), (batch, t)
+            tuple_out = nat(x, t, return_dict=False)
+            assert isinstance(tuple_out, tuple) and torch.equal(tuple_out[0], out)
+        x = torch.randn(4, 3, 16, 16, generator=g)
+        scalar = nat(x, 5).sample
+        for same in (torch.tensor(5), torch.tensor([5]), torch.full((4,), 5)):
+            assert torch.equal(nat(x, same).sample, scalar), same
     with pytest.raises(dmq_fx.InputMismatchError, match="traced for shape"):
         nat(torch.randn(1, 3, 8, 8), 5)
 

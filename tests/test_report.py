@@ -7,8 +7,9 @@ import torch
 from diffusers import DDIMScheduler
 
 import dmq_fx
+import dmq_fx.workflow.report as report_module
 from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet
-from dmq_fx.quantize.modes import input_quantizers, weight_quantizers
+from dmq_fx.quantize.modes import input_quantizers, quantizer_mode, weight_quantizers
 from dmq_fx.workflow.calibration_data import collect_calibration_data
 from dmq_fx.workflow.report import sqnr_db
 
@@ -36,7 +37,7 @@ def test_sqnr_by_hand():
     assert sqnr_db(ref, torch.tensor([3.0, 3.0])) == pytest.approx(10 * math.log10(25))
 
 
-def test_report_compares_every_layer_at_every_timestep(setup, tmp_path):
+def test_report_compares_every_layer_at_every_timestep(setup, tmp_path, monkeypatch):
     model, data, graphs = setup
     prepared = graphs[(4, 6)]
     flags = [
@@ -62,6 +63,14 @@ def test_report_compares_every_layer_at_every_timestep(setup, tmp_path):
     fine = dmq_fx.report(model, graphs[(8, 8)], data, progress=False)
     better = [a["sqnr_db_mean"] > b["sqnr_db_mean"] for a, b in zip(fine.layers, result.layers)]
     assert all(better)
+    figures = {}
+    original_save = report_module._save
+
+    def keep(fig, path):
+        figures[path.name] = [(ax.get_images(), ax.patches) for ax in fig.axes]
+        return original_save(fig, path)
+
+    monkeypatch.setattr(report_module, "_save", keep)
     written = result.write(tmp_path / "report")
     names = {p.name for p in written}
     assert {
@@ -76,6 +85,43 @@ def test_report_compares_every_layer_at_every_timestep(setup, tmp_path):
     header = (tmp_path / "report" / "per_timestep.csv").read_text().splitlines()[0]
     assert header == "layer,timestep,sqnr_db,input_min,input_max"
     assert str(result).count("\n") == len(layers) + 1
+    # the plots show the report's numbers: the heat map is the SQNR table (layers x timesteps,
+    # noisiest first), the bars the per-layer means
+    names_, steps = [r["layer"] for r in result.layers], sorted(data.timesteps, reverse=True)
+    table = {(r["layer"], r["timestep"]): r["sqnr_db"] for r in result.per_timestep}
+    expected = torch.tensor([[table[(n, t)] for t in steps] for n in names_])
+    images, _ = figures["sqnr_per_timestep.png"][0]
+    torch.testing.assert_close(torch.as_tensor(images[0].get_array()).float(), expected.float())
+    _, bars = figures["sqnr_per_layer.png"][0]
+    assert [round(b.get_width(), 2) for b in bars] == [r["sqnr_db_mean"] for r in result.layers]
+    _, pts_bars = figures["pts_exponents.png"][0]
+    assert sum(b.get_width() for b in pts_bars) == sum(sum(r["pts_counts"]) for r in result.layers)
+
+
+def test_report_sqnr_equals_a_direct_computation(setup):
+    """One layer, every timestep: the float layer on the float model's own input against the
+    fake-quantized layer on the same input, computed here without the report's machinery."""
+    model, data, graphs = setup
+    prepared = graphs[(4, 6)]
+    result = dmq_fx.report(model, prepared, data, progress=False)
+    name = "down_blocks.0.resnets.0.conv1"
+    layer = model.get_submodule(name)
+    for t in sorted(data.timesteps, reverse=True):
+        rows = torch.nonzero(data.timestep == t).flatten()[:16]
+        ((args, kwargs),) = data.subset(rows).batches(len(rows), shuffle=False)
+        seen = []
+        handle = layer.register_forward_pre_hook(lambda m, i, seen=seen: seen.append(i[0]))
+        with torch.no_grad():
+            model(*args, **kwargs)
+            handle.remove()
+            fp = layer(seen[0])
+            with quantizer_mode(prepared, "simulate"):
+                q = prepared.get_submodule(name)(
+                    prepared.get_submodule(f"{name}_input_quant")(seen[0])
+                )
+        row = next(r for r in result.per_timestep if (r["layer"], r["timestep"]) == (name, t))
+        assert row["sqnr_db"] == pytest.approx(sqnr_db(fp, q), abs=2e-3)
+        assert row["input_min"] == pytest.approx(float(seen[0].min()), abs=1e-6)
 
 
 def test_report_cli_writes_the_folder(setup, tmp_path):
