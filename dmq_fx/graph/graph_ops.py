@@ -8,6 +8,7 @@ and the function shows up again as one ``call_function`` node.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -75,6 +76,43 @@ def check_is_none(value: Any, arg_name: str) -> None:
             f"argument '{arg_name}' was not given when this graph was traced, so the graph has "
             f"no path for it; re-trace with it in example_kwargs: dmq_fx.trace(model, args, "
             f"{{'{arg_name}': ...}})"
+        )
+
+
+@has_side_effect
+def check_structure(value: Any, structure: tuple, arg_name: str) -> None:
+    """Raise :class:`InputMismatchError` unless a dict / tuple / list input has the keys or
+    length the graph was traced with (``("dict", keys)`` or ``("sequence", length)``): the
+    graph reads each entry the example had, and nothing else."""
+    if has_torch_function((value,)):
+        return handle_torch_function(check_structure, (value,), value, structure, arg_name)
+    kind, expected = structure
+    if kind == "dict":
+        if not isinstance(value, Mapping) or set(value) != set(expected):
+            got = sorted(value) if isinstance(value, Mapping) else type(value).__name__
+            raise InputMismatchError(
+                f"argument '{arg_name}' must be a dict with the keys {sorted(expected)} this "
+                f"graph was traced with, got {got}; re-trace with an example that has them"
+            )
+    elif not isinstance(value, (tuple, list)) or len(value) != expected:
+        got = len(value) if isinstance(value, (tuple, list)) else type(value).__name__
+        raise InputMismatchError(
+            f"argument '{arg_name}' must be a tuple or list of {expected} entries (as traced), "
+            f"got {got}"
+        )
+
+
+@has_side_effect
+def check_constant(value: Any, expected: Any, arg_name: str) -> None:
+    """Raise :class:`InputMismatchError` unless a non-tensor entry of a nested input (a LoRA
+    ``scale`` in ``cross_attention_kwargs``, say) has the value the graph was traced with: the
+    graph holds that value as a constant."""
+    if has_torch_function((value,)):
+        return handle_torch_function(check_constant, (value,), value, expected, arg_name)
+    if value is not expected and value != expected:
+        raise InputMismatchError(
+            f"'{arg_name}' is {value!r}, but this graph was traced with {expected!r} and holds "
+            f"it as a constant; re-trace with the new value"
         )
 
 

@@ -107,6 +107,9 @@ class GraphState:
     example_spec: dict[str, dict]
     model_config: Any
     weights_fingerprint: str
+    #: qualified names of the diffusers UNets inside the traced model ("" for the model itself):
+    #: where the default mapping's float roles (conv_in, conv_out, embeddings) are looked up
+    unet_paths: list[str] = field(default_factory=list)
     #: None (traced), "prepared", "calibrated" or "converted"
     state: str | None = None
     #: the prepare_fx flags the graph was prepared with

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["model_config", "weights_fingerprint"]
+__all__ = ["model_config", "unet_paths", "weights_fingerprint"]
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
@@ -35,3 +35,21 @@ def model_config(model: torch.nn.Module) -> Any:
         return None
     public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
     return json.loads(json.dumps(public, default=str))
+
+
+def unet_paths(model: torch.nn.Module) -> list[str]:
+    """Qualified names of the diffusers UNets in ``model`` ("" for ``model`` itself): modules of
+    diffusers' ``ModelMixin`` with a ``conv_in`` and a ``conv_out`` (UNet2DModel,
+    UNet2DConditionModel and their kin), not nested in another one."""
+    from diffusers import ModelMixin
+
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if any(name == p or name.startswith(p + ".") for p in found if p) or "" in found:
+            continue
+        is_unet = isinstance(module, ModelMixin) and all(
+            isinstance(getattr(module, a, None), torch.nn.Module) for a in ("conv_in", "conv_out")
+        )
+        if is_unet:
+            found.append(name)
+    return found

@@ -32,7 +32,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from dmq_fx.errors import InputMismatchError, TraceError
 from dmq_fx.graph import graph_ops
 from dmq_fx.graph.meta import ANNOTATION_KEY, GraphState
-from dmq_fx.graph.model_identity import model_config, weights_fingerprint
+from dmq_fx.graph.model_identity import model_config, unet_paths, weights_fingerprint
 
 __all__ = ["ValueTracer", "trace", "TIMESTEP_ARG_NAMES"]
 
@@ -168,6 +168,14 @@ class _ValueProxy(fx.Proxy):
                 f"fix its first dimension (usually the batch size) in the graph; use unbind()"
             )
         return iter([self[i] for i in range(len(self.value))])
+
+    def __iadd__(self, other: Any) -> fx.Proxy:
+        # ``x += y`` on a tensor is in place in eager mode, and what else holds ``x`` sees the
+        # sum (diffusers adds T2I-Adapter residuals to a down block's output that is also in its
+        # skip connections): an ``operator.iadd`` node keeps that, fx's default ``x + y`` not
+        if isinstance(self.value, torch.Tensor):
+            return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+        return self + other
 
     def __index__(self) -> int:
         self.tracer.check_specialisable(self, "use as an index")
@@ -305,6 +313,10 @@ class ValueTracer(fx.Tracer):
         if len(params) + offset != len(args) or not params:
             return fn, args
         args = list(args)
+        for i, pname in enumerate(params):
+            arg = args[offset + i]
+            if isinstance(arg, _ValueProxy) and isinstance(arg.value, (Mapping, tuple, list)):
+                args[offset + i] = self._unpack(arg, pname)
         sample = args[offset]
         if isinstance(sample, _ValueProxy) and isinstance(sample.value, torch.Tensor):
             graph_ops.check_input(
@@ -314,6 +326,39 @@ class ValueTracer(fx.Tracer):
                 if pname in TIMESTEP_ARG_NAMES and isinstance(args[offset + i], _ValueProxy):
                     args[offset + i] = graph_ops.normalize_timestep(args[offset + i], sample)
         return fn, args
+
+    def _unpack(self, proxy: _ValueProxy, name: str) -> Any:
+        """A dict / tuple / list input as the same container of per-entry proxies, so the
+        model's own code (``"text_embeds" in added_cond_kwargs``, ``.get``, ``.pop``, tuple
+        unpacking) runs on a real container while its tensors stay graph inputs.
+
+        The graph checks the container's keys or length at call time; numbers, strings and None
+        inside it are fixed as constants, checked at call time too (``graph_ops``).
+        """
+        value = proxy.value
+        is_dict = isinstance(value, Mapping)
+        structure = ("dict", tuple(value)) if is_dict else ("sequence", len(value))
+        self.create_proxy("call_function", graph_ops.check_structure, (proxy, structure, name), {})
+        entries = {}
+        for key, item in value.items() if is_dict else enumerate(value):
+            label = f"{name}[{key!r}]"
+            entry = self.create_proxy("call_function", operator.getitem, (proxy, key), {})
+            if isinstance(item, (Mapping, tuple, list)):
+                entry = self._unpack(entry, label)
+            elif not isinstance(item, torch.Tensor):
+                if not (item is None or isinstance(item, (bool, int, float, str))):
+                    raise TraceError(
+                        f"input '{label}' is a {type(item).__name__}; nested inputs may hold "
+                        f"tensors, numbers, strings, None, dicts, tuples and lists"
+                    )
+                self.create_proxy(
+                    "call_function", graph_ops.check_constant, (entry, item, label), {}
+                )
+                entry = item
+            entries[key] = entry
+        if is_dict:
+            return dict(entries)
+        return type(value)(entries.values())
 
 
 def _bind(
@@ -328,11 +373,37 @@ def _bind(
         ) from None
 
 
+def _fresh(provided: Mapping[str, Any]) -> dict[str, Any]:
+    """The inputs with their dicts, tuples and lists copied (not their tensors): diffusers pops
+    entries from ``cross_attention_kwargs``, and the user's dict must not change."""
+
+    def copy_containers(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: copy_containers(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return type(value)(copy_containers(v) for v in value)
+        return value
+
+    return {k: copy_containers(v) for k, v in provided.items()}
+
+
+def _describe(value: Any) -> str:
+    """An input as text: tensors by shape and dtype, containers by their entries."""
+    if isinstance(value, torch.Tensor):
+        return f"{tuple(value.shape)} {value.dtype}"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_describe(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        inner = ", ".join(_describe(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner})"
+    return repr(value)
+
+
 def _eager_error(model: torch.nn.Module, provided: Mapping[str, Any]) -> str | None:
     """The error of an eager forward on the example inputs (None if it runs)."""
     try:
         with torch.no_grad():
-            model(**provided)
+            model(**_fresh(provided))
     except Exception as e:  # any failure: reported to the user with the module and line
         return f"{type(e).__name__}: {e}"
     return None
@@ -415,10 +486,7 @@ def trace(
         line = _model_line(traceback.extract_tb(e.__traceback__))
         eager_error = _eager_error(root, provided)
         if eager_error is not None:  # the inputs, not the tracing, are at fault
-            shapes = ", ".join(
-                f"{k}: {tuple(v.shape)} {v.dtype}" if isinstance(v, torch.Tensor) else f"{k}: {v!r}"
-                for k, v in provided.items()
-            )
+            shapes = ", ".join(f"{k}: {_describe(v)}" for k, v in provided.items())
             raise InputMismatchError(
                 f"the example inputs ({shapes}) do not run through {type(model).__name__} even "
                 f"without tracing: module '{where}' failed at {line}: {eager_error}. Pass inputs "
@@ -435,7 +503,7 @@ def trace(
     output_class = None
     if "return_dict" in sig.parameters:
         with torch.no_grad():  # on the copy: the user's model keeps its mode and state
-            eager = root(**dict(provided, return_dict=True))
+            eager = root(**_fresh(provided), return_dict=True)
         if not isinstance(eager, tuple):
             output_class = f"{type(eager).__module__}.{type(eager).__qualname__}"
         _wrap_output(graph, output_class)
@@ -454,6 +522,7 @@ def trace(
         example_spec=_example_spec(provided),
         model_config=model_config(model),
         weights_fingerprint=weights_fingerprint(model),
+        unet_paths=unet_paths(model),
     )
     if check:
         _check_against_eager(gm, root, provided)
@@ -505,12 +574,12 @@ def _wrap_output(graph: fx.Graph, output_class: str | None) -> None:
 def _check_against_eager(
     gm: fx.GraphModule, root: torch.nn.Module, provided: Mapping[str, Any]
 ) -> None:
-    kwargs = dict(provided)
+    extra = {}
     if "return_dict" in inspect.signature(root.forward).parameters:
-        kwargs["return_dict"] = False
+        extra["return_dict"] = False
     with torch.no_grad():
-        expected = _flatten_tensors(root(**kwargs))
-        got = _flatten_tensors(gm(**kwargs))
+        expected = _flatten_tensors(root(**_fresh(provided), **extra))
+        got = _flatten_tensors(gm(**_fresh(provided), **extra))
     if len(expected) != len(got) or any(
         e.shape != g.shape or (e - g).abs().max() > 1e-5 * max(e.abs().max().item(), 1e-12)
         for e, g in zip(expected, got)

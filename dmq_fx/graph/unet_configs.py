@@ -79,6 +79,28 @@ TINY_SD: dict[str, Any] = dict(
 )
 
 
+#: SDXL's structure, tiny: text-and-time added embeddings (``added_cond_kwargs`` with
+#: ``text_embeds`` and 6 ``time_ids``), linear projections, 2 transformer layers at the second
+#: level, per-level head dims.
+TINY_SDXL: dict[str, Any] = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    norm_num_groups=8,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=16 + 6 * 8,  # pooled text (16) + 6 time ids x 8
+)
+
+
 def build_unet(config: dict[str, Any], seed: int = 0) -> torch.nn.Module:
     """A UNet2DConditionModel (if ``cross_attention_dim`` is set) or UNet2DModel, seeded."""
     torch.manual_seed(seed)
@@ -100,6 +122,13 @@ def example_inputs(
         kwargs["encoder_hidden_states"] = torch.randn(
             batch, seq_len, cfg.cross_attention_dim, generator=g
         )
+    if getattr(cfg, "addition_embed_type", None) == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=g),
+            # original size, crop corner, target size, as SDXL pipelines build them
+            "time_ids": torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]]).repeat(batch, 1),
+        }
     if getattr(cfg, "num_class_embeds", None):
         kwargs["class_labels"] = torch.randint(0, cfg.num_class_embeds, (batch,), generator=g)
     elif getattr(cfg, "class_embed_type", None) == "timestep":

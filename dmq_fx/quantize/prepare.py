@@ -15,6 +15,7 @@ from dmq_fx.graph.meta import graph_state
 from dmq_fx.graph.tracing import trace
 from dmq_fx.passes import insert_les_scales, insert_quantizers
 from dmq_fx.quantize.annotate import annotate_quantization
+from dmq_fx.quantize.qconfig import with_float_roles
 
 __all__ = ["prepare_fx"]
 
@@ -67,7 +68,7 @@ def prepare_fx(
         gm = trace(model, example_inputs, example_kwargs)
     annotate_quantization(
         gm,
-        qconfig_mapping,
+        with_float_roles(qconfig_mapping, graph_state(gm).unet_paths),
         split_concat_inputs=split_concat_inputs,
         les=les,
         pts=pts,

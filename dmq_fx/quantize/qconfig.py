@@ -8,6 +8,7 @@ the inputs and weights of ``Conv2d`` and ``Linear`` layers; everything else stay
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 from torch.ao.quantization import QConfig, QConfigMapping
@@ -22,18 +23,21 @@ from dmq_fx.observers import MSEGridSearchPerChannelObserver
 __all__ = [
     "FLOAT_MODULE_NAMES",
     "FLOAT_MODULE_NAME_REGEXES",
+    "UNetQConfigMapping",
     "activation_observer",
     "check_bits",
     "get_default_qconfig",
     "get_default_qconfig_mapping",
     "is_float_module",
     "qconfig_for_module",
+    "with_float_roles",
     "weight_observer",
     "weight_range",
 ]
 
 #: Kept in float by the default mapping (with all their children): the first and last conv and
-#: the timestep / class / added-condition embedding paths of diffusers UNets.
+#: the timestep / class / added-condition embedding paths of diffusers UNets. These are roles of
+#: a UNet: names relative to the UNet module, wherever it sits in the model (UNetQConfigMapping).
 FLOAT_MODULE_NAMES = (
     "conv_in",
     "conv_out",
@@ -70,9 +74,23 @@ def weight_range(bits: int) -> tuple[torch.dtype, int, int, torch.qscheme]:
     return torch.quint8, 0, 2**bits - 1, torch.per_channel_affine
 
 
-def is_float_module(name: str) -> bool:
+def is_float_module(name: str, unet_paths: Sequence[str] = ("",)) -> bool:
     """Whether the default mapping keeps the module ``name`` (a qualified name) in float: it or
-    one of its parents is a float module (as torch.ao's ``set_module_name`` covers children)."""
+    one of its parents plays a float role (:data:`FLOAT_MODULE_NAMES`) in one of the UNets at
+    ``unet_paths`` (as torch.ao's ``set_module_name`` covers children)."""
+    for prefix in unet_paths:
+        if not prefix:
+            relative = name
+        elif name.startswith(prefix + "."):
+            relative = name[len(prefix) + 1 :]
+        else:
+            continue
+        if _plays_float_role(relative):
+            return True
+    return False
+
+
+def _plays_float_role(name: str) -> bool:
     parts = name.split(".")
     scopes = [".".join(parts[: i + 1]) for i in range(len(parts))]
     return any(
@@ -114,15 +132,40 @@ def get_default_qconfig(weight_bits: int = 8, act_bits: int = 8) -> QConfig:
     return QConfig(activation=activation_observer(act_bits), weight=weight_observer(weight_bits))
 
 
-def get_default_qconfig_mapping(weight_bits: int = 8, act_bits: int = 8) -> QConfigMapping:
+class UNetQConfigMapping(QConfigMapping):
+    """A QConfigMapping whose float roles (:data:`FLOAT_MODULE_NAMES`, every ``time_emb_proj``)
+    follow the UNet wherever it is mounted: :func:`dmq_fx.prepare_fx` applies them under each
+    diffusers UNet it finds in the model (a wrapper's ``self.unet``, an ``model.diffusion_model``
+    prefix), so a bare, a wrapped and a prefixed UNet get the same decisions. An entry set for a
+    module's exact name wins over its role."""
+
+
+def with_float_roles(mapping: QConfigMapping, unet_paths: Sequence[str]) -> QConfigMapping:
+    """``mapping`` with the float roles of a :class:`UNetQConfigMapping` spelled out for the
+    UNets at ``unet_paths`` (a plain QConfigMapping is returned as it is)."""
+    if not isinstance(mapping, UNetQConfigMapping):
+        return mapping
+    out = QConfigMapping.from_dict(mapping.to_dict())
+    for prefix in (p for p in unet_paths if p):  # the root's roles are in the mapping already
+        for name in FLOAT_MODULE_NAMES:
+            if f"{prefix}.{name}" not in out.module_name_qconfigs:
+                out.set_module_name(f"{prefix}.{name}", None)
+        for regex in FLOAT_MODULE_NAME_REGEXES:
+            out.set_module_name_regex(re.escape(prefix) + r"\." + regex, None)
+    return out
+
+
+def get_default_qconfig_mapping(weight_bits: int = 8, act_bits: int = 8) -> UNetQConfigMapping:
     """A QConfigMapping with the defaults of docs/methods/quantizers.md for diffusers UNets.
 
     Conv2d and Linear layers get :func:`get_default_qconfig`; ``conv_in``, ``conv_out``, the
     timestep embedding path (``time_proj``, ``time_embedding``, every ``time_emb_proj``) and class
     / added-condition embeddings stay in float. Attention matmuls, norms and nonlinearities are
-    never quantized by dmq_fx. Edit the result as any torch.ao QConfigMapping.
+    never quantized by dmq_fx. These float layers are found by role: under whichever diffusers
+    UNet of the model they belong to (:class:`UNetQConfigMapping`). Edit the result as any
+    torch.ao QConfigMapping.
     """
-    mapping = QConfigMapping().set_global(get_default_qconfig(weight_bits, act_bits))
+    mapping = UNetQConfigMapping().set_global(get_default_qconfig(weight_bits, act_bits))
     for name in FLOAT_MODULE_NAMES:
         mapping.set_module_name(name, None)
     for regex in FLOAT_MODULE_NAME_REGEXES:
