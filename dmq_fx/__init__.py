@@ -33,6 +33,7 @@ from dmq_fx.quantize.stage import CalibrationContext, Stage
 from dmq_fx.version import __version__  # noqa: F401  (dmq_fx.__version__)
 from dmq_fx.workflow import calibration_data as calibration
 from dmq_fx.workflow.calibrate import calibrate
+from dmq_fx.workflow.lora import load_lora, remove_lora, set_adapters, set_lora_scale
 from dmq_fx.workflow.pipeline import QuantizationConfig, QuantizedUNet, quantize_pipeline
 from dmq_fx.workflow.report import QuantReport, report
 from dmq_fx.workflow.serialization import load, save
@@ -92,7 +93,11 @@ __all__ = [
     "QuantizedUNet",
     "quantize_pipeline",
     "load",
+    "load_lora",
+    "remove_lora",
     "save",
+    "set_adapters",
+    "set_lora_scale",
     "summary",
     "trace",
 ]
