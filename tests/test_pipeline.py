@@ -38,7 +38,9 @@ def test_ddpm_pipeline_generates_with_the_quantized_unet():
     assert out["q"].shape == out["fp"].shape == (2, 16, 16, 3)
     diff = np.abs(out["q"] - out["fp"])
     assert 0 < diff.mean() < 0.05  # quantized, and still the same images (range [0, 1])
-    assert dmq_fx.summary(q.unet.graph).rows
+    rows = dmq_fx.summary(q.unet.graph).rows
+    forms = {n: m.form for n, m in q.unet.graph.named_modules() if isinstance(m, QuantizedLayer)}
+    assert sorted(r["form"] for r in rows) == sorted(forms.values()) and len(rows) == len(forms)
     # deterministic: the same config and seed give the same quantized pipeline and images
     again = dmq_fx.quantize_pipeline(
         pipe, {"preset": "minmax", "act_bits": 8, **FAST}, progress=False
