@@ -26,6 +26,7 @@ __all__ = [
     "CalibrationData",
     "collect_calibration_data",
     "guided_eps",
+    "record_pipeline_inputs",
     "select_samples",
     "step_features",
 ]
@@ -46,6 +47,10 @@ class CalibrationData:
     unconditional: torch.Tensor | None = None
     #: (N,) int64: the sampler trajectory each row comes from (both guidance halves share it)
     trajectory: torch.Tensor | None = None
+    #: further UNet inputs, one row each, by path: ``"timestep_cond"``,
+    #: ``"added_cond_kwargs/text_embeds"``, ``"down_block_additional_residuals/#0"`` (``#i``:
+    #: the i-th entry of a sequence, rebuilt as a list)
+    extra: dict[str, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.sample.shape[0]
@@ -58,12 +63,14 @@ class CalibrationData:
 
     def subset(self, index: torch.Tensor) -> CalibrationData:
         """The rows ``index`` (a boolean mask or indices), in that order."""
-        return CalibrationData(
-            **{
-                f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
-                for f in fields(self)
-            }
-        )
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, dict):
+                values[f.name] = {k: v[index] for k, v in value.items()}
+            else:
+                values[f.name] = None if value is None else value[index]
+        return CalibrationData(**values)
 
     def batches(
         self, batch_size: int = 32, *, shuffle: bool = True, seed: int = 0
@@ -82,14 +89,17 @@ class CalibrationData:
                 kwargs["encoder_hidden_states"] = self.encoder_hidden_states[idx]
             if self.class_labels is not None:
                 kwargs["class_labels"] = self.class_labels[idx]
+            for path, value in (self.extra or {}).items():
+                _set_path(kwargs, path.split("/"), value[idx])
             yield (self.sample[idx], self.timestep[idx]), kwargs
 
     def save(self, path: str | Path) -> None:
         tensors = {
             f.name: getattr(self, f.name).contiguous()
             for f in fields(self)
-            if getattr(self, f.name) is not None
+            if getattr(self, f.name) is not None and f.name != "extra"
         }
+        tensors.update({f"extra/{k}": v.contiguous() for k, v in (self.extra or {}).items()})
         save_file(tensors, str(path), metadata={"format": FORMAT})
 
     @classmethod
@@ -103,7 +113,124 @@ class CalibrationData:
                 f"{path}: not a dmq_fx calibration file (format {fmt!r}, expected {FORMAT!r})"
             )
         tensors = load_file(str(path))
-        return cls(**tensors)
+        extra = {k[len("extra/") :]: v for k, v in tensors.items() if k.startswith("extra/")}
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("extra/")}
+        return cls(**tensors, extra=extra or None)
+
+
+def _set_path(out: dict, parts: list[str], value: torch.Tensor) -> None:
+    """Put ``value`` at ``parts`` of the nested kwargs ``out`` (``#i``: a list index)."""
+    container: Any = out
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        key: Any = int(part[1:]) if part.startswith("#") else part
+        if isinstance(container, list):
+            while len(container) <= key:
+                container.append(None)
+        if last:
+            container[key] = value
+            return
+        following = [] if parts[i + 1].startswith("#") else {}
+        if isinstance(container, list):
+            if container[key] is None:
+                container[key] = following
+        else:
+            container.setdefault(key, following)
+        container = container[key]
+
+
+def _flat_rows(value: Any, rows: int, path: str, out: dict[str, torch.Tensor]) -> None:
+    """Record a UNet input's tensors with ``rows`` rows under their paths (``_set_path``)."""
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 or value.shape[0] != rows:
+            raise CalibrationError(
+                f"UNet input '{path}' has shape {tuple(value.shape)}: dmq_fx records inputs with "
+                f"one row per sample ({rows} in this call)"
+            )
+        out[path] = value.detach().cpu()
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _flat_rows(v, rows, f"{path}/{k}", out)
+    elif isinstance(value, (tuple, list)):
+        for i, v in enumerate(value):
+            _flat_rows(v, rows, f"{path}/#{i}", out)
+    else:
+        raise CalibrationError(
+            f"UNet input '{path}' is a {type(value).__name__} ({value!r}); dmq_fx records tensor "
+            "inputs (in dicts, tuples and lists) only"
+        )
+
+
+def record_pipeline_inputs(
+    pipe: Any, *call_args: Any, seed: int = 0, progress: bool = True, **call_kwargs: Any
+) -> CalibrationData:
+    """Run ``pipe(*call_args, **call_kwargs)`` once and record every UNet call's inputs.
+
+    Works for any diffusers pipeline that calls ``pipe.unet`` once per step: the pipeline's own
+    prompt encoding, SDXL's added text and time embeddings, LCM's guidance embedding, a
+    ControlNet's residuals (the ControlNet runs in float, its outputs become UNet inputs) and both
+    halves of classifier-free guidance (rows of the unconditional half are marked, from the
+    pipeline's ``do_classifier_free_guidance``). ``seed`` seeds the pipeline's generator;
+    ``output_type="latent"`` is used unless given (decoding is not needed). The pipeline is not
+    modified (a hook on its UNet, removed afterwards).
+    """
+    unet = pipe.unet
+    records: list[dict[str, Any]] = []
+    bar = tqdm(desc="record UNet inputs", unit="call", disable=not progress)
+
+    def hook(module, args, kwargs):
+        names = list(inspect.signature(module.forward).parameters)
+        bound = dict(zip(names, args), **kwargs)
+        sample = bound.pop("sample")
+        rows = sample.shape[0]
+        timestep = torch.as_tensor(bound.pop("timestep")).reshape(-1).expand(rows)
+        bound.pop("return_dict", None)
+        flat: dict[str, torch.Tensor] = {}
+        for name, value in bound.items():
+            _flat_rows(value, rows, name, flat)
+        guided = bool(getattr(pipe, "do_classifier_free_guidance", False)) and rows % 2 == 0
+        records.append({"sample": sample.detach().cpu(), "timestep": timestep, "flat": flat,
+                        "guided": guided})  # fmt: skip
+        bar.update(1)
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            call_kwargs.setdefault("output_type", "latent")
+            pipe(*call_args, generator=torch.Generator().manual_seed(seed), **call_kwargs)
+    finally:
+        handle.remove()
+        bar.close()
+    if not records:
+        raise CalibrationError(f"{type(pipe).__name__} never called its UNet")
+    keys = list(records[0]["flat"])
+    if any(list(r["flat"]) != keys for r in records):
+        raise CalibrationError("the UNet's inputs changed between steps; record them separately")
+    rows = [r["sample"].shape[0] for r in records]
+    unconditional = torch.cat(
+        [torch.arange(n) < (n // 2 if r["guided"] else 0) for n, r in zip(rows, records)]
+    )
+    trajectory = torch.cat(
+        [
+            torch.arange(n) % (n // 2) if r["guided"] else torch.arange(n)
+            for n, r in zip(rows, records)
+        ]
+    )
+    extra = {k: torch.cat([r["flat"][k] for r in records]) for k in keys}
+    ehs = extra.pop("encoder_hidden_states", None)
+    labels = extra.pop("class_labels", None)
+    return CalibrationData(
+        sample=torch.cat([r["sample"] for r in records]),
+        timestep=torch.cat([r["timestep"] for r in records]).long(),
+        step_index=torch.cat([torch.full((n,), i) for i, n in enumerate(rows)]),
+        encoder_hidden_states=ehs,
+        class_labels=labels,
+        unconditional=unconditional,
+        trajectory=trajectory,
+        extra=extra or None,
+    )
 
 
 def _accepts(fn, name: str) -> bool:

@@ -26,6 +26,7 @@ from dmq_fx.workflow.calibrate import calibrate
 from dmq_fx.workflow.calibration_data import (
     CalibrationData,
     collect_calibration_data,
+    record_pipeline_inputs,
     select_samples,
 )
 
@@ -121,6 +122,18 @@ class QuantizedUNet(torch.nn.Module):
         run = self.compiled if self.compiled is not None else self.graph
         return run(sample, timestep, *args, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        # pipelines read a few UNet submodules (SDXL: ``add_embedding.linear_1.in_features``);
+        # the graph keeps them under the same names (float ones as they were)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            graph = super().__getattr__("graph")
+            found = getattr(graph, name, None)
+            if isinstance(found, torch.nn.Module):
+                return found
+            raise
+
 
 def _prompt_embeddings(pipe: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
     """``collect_calibration_data`` keywords from ``{"prompts": [...], "negative_prompt": ...,
@@ -145,10 +158,53 @@ def _prompt_embeddings(pipe: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _calls_the_pipeline(pipe: Any, options: Mapping[str, Any]) -> bool:
+    """Whether calibration data comes from the pipeline's own call: pipelines whose UNet takes
+    more than the prompt embeddings (SDXL's added embeddings, a ControlNet's residuals, LCM's
+    guidance embedding), or when ``pipeline_kwargs`` are given."""
+    return (
+        "pipeline_kwargs" in options
+        or getattr(pipe, "text_encoder_2", None) is not None
+        or getattr(pipe, "controlnet", None) is not None
+        or getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+        or getattr(pipe.unet.config, "addition_embed_type", None) is not None
+    )
+
+
+def _recorded(pipe: Any, cfg: QuantizationConfig, options: Mapping[str, Any]) -> CalibrationData:
+    """The UNet inputs of one run of the pipeline itself on the calibration prompts."""
+    allowed = {"prompts", "negative_prompt", "guidance_scale", "pipeline_kwargs"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise ConfigError(
+            f"calibration= through {type(pipe).__name__}'s own call takes {sorted(allowed)}, "
+            f"got {sorted(unknown)}"
+        )
+    if cfg.selection != "uniform":
+        raise ConfigError(
+            f"selection={cfg.selection!r} samples with its own sampler, which does not build "
+            f"{type(pipe).__name__}'s UNet inputs; use selection='uniform'"
+        )
+    call = dict(options.get("pipeline_kwargs", {}))
+    for key in ("negative_prompt", "guidance_scale"):
+        if key in options:
+            call[key] = options[key]
+    return record_pipeline_inputs(
+        pipe,
+        list(options["prompts"]),
+        num_inference_steps=cfg.num_inference_steps,
+        seed=cfg.seed,
+        progress=False,
+        **call,
+    )
+
+
 def _calibration_data(pipe: Any, cfg: QuantizationConfig, calibration: Any) -> CalibrationData:
     if isinstance(calibration, CalibrationData):
         return calibration
     options = dict(calibration or {})
+    if "prompts" in options and _calls_the_pipeline(pipe, options):
+        return _recorded(pipe, cfg, options)
     if "prompts" in options:
         options = {**_prompt_embeddings(pipe, options)}
     allowed = {"prompt_embeds", "negative_prompt_embeds", "guidance_scale", "num_class_labels"}
@@ -189,7 +245,10 @@ def quantize_pipeline(
         config: a :class:`QuantizationConfig`, a preset name, or a dict of its fields.
         calibration: recorded data (:class:`~dmq_fx.calibration.CalibrationData`), or the
             conditioning to sample it with: ``{"prompts": [...], "negative_prompt": ...,
-            "guidance_scale": 7.5}`` (encoded by the pipeline's ``encode_prompt``), or
+            "guidance_scale": 7.5}`` (encoded by the pipeline's ``encode_prompt``; for
+            SDXL, LCM and ControlNet pipelines, and with ``"pipeline_kwargs"`` such as a
+            ControlNet's ``image``, recorded from one run of the pipeline itself:
+            :func:`~dmq_fx.calibration.record_pipeline_inputs`), or
             ``prompt_embeds`` / ``negative_prompt_embeds`` / ``guidance_scale`` /
             ``num_class_labels`` as for
             :func:`~dmq_fx.calibration.collect_calibration_data`.
