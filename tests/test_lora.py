@@ -164,3 +164,55 @@ def test_each_branch_equals_peft_on_the_layers_float_input(setup):
             got, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item()
         )
     assert checked["norm"] > 0 and checked["split"] > 0
+
+
+def test_a_quantized_pipeline_takes_loras_as_the_float_one_does(tmp_path):
+    """``pipe.load_lora_weights`` / ``set_adapters`` / ``unload_lora_weights`` on a quantized
+    pipeline (diffusers calls QuantizedUNet's adapter methods)."""
+    import numpy as np
+    import tiny_pipelines
+    from diffusers import DDIMScheduler
+
+    pipe = tiny_pipelines._sd(tmp_path, build_unet(TINY_SD), DDIMScheduler(clip_sample=False))
+    config = {"preset": "minmax", "weight_bits": 8, "num_inference_steps": 3, "batch_size": 8}
+    q = dmq_fx.quantize_pipeline(pipe, config, calibration={"prompts": ["a cat"]}, progress=False)
+    _, state = _with_lora(pipe.unet, seed=5, alpha=4)
+    lora_file = {f"unet.{k}": v for k, v in state.items()}
+    call = dict(num_inference_steps=3, height=16, width=16, output_type="np", guidance_scale=4.0)
+
+    def images(p):
+        return p("a cat", generator=torch.Generator().manual_seed(1), **call).images
+
+    plain = images(q)
+    q.load_lora_weights(dict(lora_file), adapter_name="style")
+    assert q.get_list_adapters() == {"unet": ["style"]}
+    with_lora = images(q)
+    assert np.abs(with_lora - plain).mean() > 1e-3
+    q.set_adapters(["style"], [0.0])
+    np.testing.assert_allclose(images(q), plain, atol=1e-6)
+    q.set_adapters(["style"], [1.0])
+    np.testing.assert_allclose(images(q), with_lora, atol=1e-6)
+    # the float pipeline with the same LoRA, loaded by diffusers itself
+    float_lora = tiny_pipelines._sd(tmp_path, build_unet(TINY_SD), DDIMScheduler(clip_sample=False))
+    float_lora.load_lora_weights(dict(lora_file), adapter_name="style")
+    fp, fp_lora = images(pipe), images(float_lora)
+    # quantized + LoRA against float + LoRA: within 3 dB (x1.41 in amplitude) of the
+    # quantized pipeline's own distance to the float one
+    assert np.abs(with_lora - fp_lora).mean() <= 1.41 * np.abs(plain - fp).mean()
+    q.unload_lora_weights()
+    assert q.get_list_adapters().get("unet", []) == []
+    np.testing.assert_array_equal(images(q), plain)
+
+
+def test_kohya_files_load_through_diffusers_converter(setup):
+    """A kohya-named LoRA (``lora_unet_...``, alpha = rank), converted by diffusers, gives the
+    graph the peft state dict gives."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    unet, prepared = setup
+    _, state = _with_lora(unet, seed=6, alpha=4)
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in state.items()})
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    from_peft = dmq_fx.load_lora(dmq_fx.convert_fx(prepared, "x86"), state, lora_alpha=4)
+    from_kohya = dmq_fx.load_lora(dmq_fx.convert_fx(prepared, "x86"), kohya)
+    assert torch.equal(_out(from_kohya), _out(from_peft))

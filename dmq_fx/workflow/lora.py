@@ -37,6 +37,7 @@ __all__ = [
     "LoRABranches",
     "load_lora",
     "lora_adapters",
+    "read_lora_file",
     "remove_lora",
     "set_adapters",
     "set_lora_scale",
@@ -111,6 +112,18 @@ class LoRABranches(torch.nn.Module):
 # -- reading adapters ---------------------------------------------------------------------------
 _PEFT = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>[AB])(\.[^.]+)?\.weight$")
 _LEGACY = re.compile(r"^(?P<module>.+)\.lora\.(?P<kind>down|up)\.weight$")
+#: diffusers' attention-processor naming (what its kohya converter returns for attention)
+_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.")
+
+
+def _module_key(name: str) -> str:
+    """``....attn1.processor.to_out_lora.down.weight`` -> ``....attn1.to_out.0.lora.down...``"""
+    return _PROCESSOR.sub(lambda m: f".{m[1]}{'.0' if m[1] == 'to_out' else ''}.lora.", name)
+
+
+def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` LoRA file (LoadError if unreadable)."""
+    return _read(Path(path))
 
 
 def _read(lora: Mapping[str, torch.Tensor] | str | Path) -> dict[str, torch.Tensor]:
@@ -146,7 +159,7 @@ def lora_weights(
         if key.startswith(("text_encoder", "text_encoder_2")):
             skipped.append(key)
             continue
-        name = key.removeprefix("unet.")
+        name = _module_key(key.removeprefix("unet."))
         if name.endswith(".alpha"):
             alphas[name[: -len(".alpha")]] = float(value)
             continue

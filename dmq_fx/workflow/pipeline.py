@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from diffusers import ModelMixin
 from torch import fx
 
 from dmq_fx.errors import ConfigError
@@ -28,6 +29,13 @@ from dmq_fx.workflow.calibration_data import (
     collect_calibration_data,
     record_pipeline_inputs,
     select_samples,
+)
+from dmq_fx.workflow.lora import (
+    load_lora,
+    lora_adapters,
+    read_lora_file,
+    remove_lora,
+    set_adapters,
 )
 
 __all__ = ["QuantizationConfig", "QuantizedUNet", "quantize_pipeline"]
@@ -95,9 +103,12 @@ class QuantizationConfig:
         )
 
 
-class QuantizedUNet(torch.nn.Module):
+class QuantizedUNet(ModelMixin):
     """A converted graph in the place of a diffusers UNet: the float UNet's ``config``,
-    ``dtype`` and ``device`` (what pipelines read) around the quantized forward."""
+    ``dtype`` and ``device`` (what pipelines read) around the quantized forward, and the adapter
+    methods a pipeline's ``load_lora_weights`` / ``set_adapters`` / ``unload_lora_weights`` call
+    (LoRA as float branches beside the quantized layers: :func:`dmq_fx.load_lora`). A diffusers
+    ``ModelMixin``, because pipelines look for adapters on those."""
 
     def __init__(
         self, graph: fx.GraphModule, config: Any, dtype: torch.dtype, compiled: bool = False
@@ -121,6 +132,66 @@ class QuantizedUNet(torch.nn.Module):
     def forward(self, sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
         run = self.compiled if self.compiled is not None else self.graph
         return run(sample, timestep, *args, **kwargs)
+
+    # -- LoRA, as diffusers pipelines call it -------------------------------------------------
+    @property
+    def peft_config(self) -> dict[str, None]:
+        """The loaded adapters by name (diffusers' pipelines list adapters from it)."""
+        return dict.fromkeys(lora_adapters(self.graph))
+
+    def load_lora_adapter(
+        self,
+        pretrained_model_name_or_path_or_dict: Any,
+        prefix: str | None = "unet",
+        network_alphas: Mapping[str, float] | None = None,
+        adapter_name: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        **_: Any,
+    ) -> None:
+        """What ``pipe.load_lora_weights`` calls: the UNet's keys (``prefix.``) of the LoRA as
+        float branches (:func:`dmq_fx.load_lora`); alphas from ``network_alphas`` or the
+        adapter ``metadata``'s ``lora_alpha``."""
+        state = pretrained_model_name_or_path_or_dict
+        if not isinstance(state, Mapping):
+            state = read_lora_file(state)
+        if prefix and any(k.startswith(f"{prefix}.") for k in state):
+            state = {
+                k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(f"{prefix}.")
+            }
+        alphas = {
+            f"{k.removeprefix(f'{prefix}.')}": torch.tensor(float(v))
+            for k, v in (network_alphas or {}).items()
+            if not prefix or k.startswith(f"{prefix}.") or "." not in k
+        }
+        name = adapter_name or f"default_{len(self.peft_config)}"
+        lora_alpha = (metadata or {}).get("lora_alpha")
+        load_lora(self.graph, {**state, **alphas}, name, lora_alpha=lora_alpha)
+        self._graph_changed()
+
+    def set_adapters(self, adapter_names: str | Sequence[str], weights: Any = None) -> None:
+        """Make ``adapter_names`` the active adapters, scaled by ``weights`` (None: 1)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if weights is None or isinstance(weights, (int, float)):
+            weights = [1.0 if weights is None else weights] * len(names)
+        weights = [1.0 if w is None else float(w) for w in weights]
+        set_adapters(self.graph, names, weights)
+        self._graph_changed()
+
+    def unload_lora(self) -> None:
+        """Remove every adapter: the graph is the converted one again."""
+        for name in lora_adapters(self.graph):
+            remove_lora(self.graph, name)
+        self._graph_changed()
+
+    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            remove_lora(self.graph, name)
+        self._graph_changed()
+
+    def _graph_changed(self) -> None:
+        if self.compiled is not None:  # compile the new graph at its next call
+            self.compiled = compile_graph(self.graph)
 
     def __getattr__(self, name: str) -> Any:
         # pipelines read a few UNet submodules (SDXL: ``add_embedding.linear_1.in_features``);
