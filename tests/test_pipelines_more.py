@@ -1,5 +1,6 @@
 """SDXL, LCM and ControlNet pipelines: calibration recorded from the pipeline's own call, and
-quantize_pipeline end to end (tiny pipelines built offline, tests/tiny_pipelines.py)."""
+quantize_pipeline end to end (tiny pipelines built offline, tests/tiny_pipelines.py); SD 2.x
+with a v-prediction scheduler through dmq_fx's own sampler."""
 
 import numpy as np
 import pytest
@@ -56,7 +57,7 @@ def test_recorded_inputs_are_the_unets_own(name, tmp_path):
     assert all(torch.equal(loaded.extra[k], v) for k, v in data.extra.items())
 
 
-@pytest.mark.parametrize("name", ["sdxl", "lcm", "controlnet"])
+@pytest.mark.parametrize("name", ["sdxl", "lcm", "controlnet", "sd2_v"])
 def test_quantize_pipeline_end_to_end(name, tmp_path):
     pipe, extra = _pipe_and_call(name, tmp_path)
     calibration = {"prompts": ["a cat", "a dog"], **extra}
@@ -70,3 +71,24 @@ def test_quantize_pipeline_end_to_end(name, tmp_path):
     # the same image, quantized: far closer to the float image than a different seed's
     other = pipe("a cat", generator=torch.Generator().manual_seed(2), **call).images
     assert 0 < np.abs(qi - fp).mean() < 0.2 * np.abs(other - fp).mean()
+
+
+def test_tdac_selects_from_a_recorded_sdxl_pool(tmp_path):
+    """select_samples on trajectories recorded from the SDXL pipeline's own call: n samples
+    spread over the steps, both guidance halves of each, nested inputs kept."""
+    from dmq_fx.workflow.calibration_data import select_samples
+
+    pipe, extra = _pipe_and_call("sdxl", tmp_path)
+    prompts = ["a cat", "a dog", "a hat", "a bag"]
+    pool = record_pipeline_inputs(pipe, prompts, progress=False, **CALL, **extra)
+    chosen = select_samples(pipe.unet, n=4, pool=pool, progress=False, min_per_step=1)
+    assert len(chosen) == 2 * 4 and int(chosen.unconditional.sum()) == 4
+    assert set(chosen.timestep.tolist()) == set(pool.timestep.tolist())  # every step, >= 1 each
+    assert chosen.extra.keys() == pool.extra.keys()
+    with pytest.raises(dmq_fx.ConfigError, match="pool of 4 trajectories"):
+        select_samples(pipe.unet, n=5, pool=pool, progress=False)
+    config = {"preset": "minmax", "weight_bits": 8, "num_inference_steps": 3, "selection": "tdac"}
+    q = dmq_fx.quantize_pipeline(
+        pipe, config, calibration={"prompts": prompts, **extra}, progress=False
+    )
+    assert isinstance(q.unet, dmq_fx.QuantizedUNet)

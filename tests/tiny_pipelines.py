@@ -109,3 +109,12 @@ def controlnet(folder) -> StableDiffusionControlNetPipeline:
             module.weight.normal_(0, 0.05)
     base = _sd(folder, unet, DDIMScheduler(steps_offset=1, clip_sample=False))
     return StableDiffusionControlNetPipeline(**base.components, controlnet=net)
+
+
+def sd2_v(folder) -> StableDiffusionPipeline:
+    """SD 2.x: per-level head dims, linear projections, upcast attention, v-prediction."""
+    unet = build_unet(
+        dict(TINY_SD, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True)
+    )
+    scheduler = DDIMScheduler(steps_offset=1, clip_sample=False, prediction_type="v_prediction")
+    return _sd(folder, unet, scheduler)

@@ -422,6 +422,7 @@ def select_samples(
     feature_samples: int | None = 256,
     seed: int = 0,
     progress: bool = True,
+    pool: CalibrationData | None = None,
     **sampler_kwargs: Any,
 ) -> CalibrationData:
     """EDA-DM's calibration set (TDAC, docs/methods/eda_dm.md): ``n`` samples spread over the
@@ -439,6 +440,10 @@ def select_samples(
     DMQ's per-step stages need every step), each from a different trajectory (a seeded
     permutation). Under guidance a sample is both halves. Returns the selected rows, noisiest
     step first.
+
+    ``pool``: select from these recorded trajectories instead (e.g.
+    :func:`record_pipeline_inputs` of an SDXL or ControlNet pipeline, whose UNet inputs dmq_fx's
+    sampler cannot build); ``n`` is then at most their number.
     """
     from dmq_fx.methods.tdac import allocate_samples, tdac_weights
 
@@ -446,16 +451,27 @@ def select_samples(
         raise ConfigError(f"select_samples: n must be >= 1, got {n}")
     if feature_samples is not None and feature_samples < 1:
         raise ConfigError(f"select_samples: feature_samples must be >= 1, got {feature_samples}")
-    pool = collect_calibration_data(
-        unet,
-        scheduler,
-        num_inference_steps=num_inference_steps,
-        samples_per_step=n,
-        independent_trajectories=False,
-        seed=seed,
-        progress=progress,
-        **sampler_kwargs,
-    )
+    if pool is None:
+        pool = collect_calibration_data(
+            unet,
+            scheduler,
+            num_inference_steps=num_inference_steps,
+            samples_per_step=n,
+            independent_trajectories=False,
+            seed=seed,
+            progress=progress,
+            **sampler_kwargs,
+        )
+    elif sampler_kwargs:
+        raise ConfigError(
+            f"select_samples: sampler arguments {sorted(sampler_kwargs)} do not apply to a pool"
+        )
+    elif pool.trajectory is None or n > len(set(pool.trajectory.tolist())):
+        trajectories = 0 if pool.trajectory is None else len(set(pool.trajectory.tolist()))
+        raise ConfigError(
+            f"select_samples: n={n} samples from a pool of {trajectories} trajectories (each "
+            "step gives at most one sample per trajectory)"
+        )
     rows, features = step_features(unet, pool, feature_samples, progress=progress)
     scores = tdac_weights(features, radius, lam)
     counts = allocate_samples(scores.weights, n, min_per_step)

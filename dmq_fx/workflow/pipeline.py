@@ -251,16 +251,11 @@ def _recorded(pipe: Any, cfg: QuantizationConfig, options: Mapping[str, Any]) ->
             f"calibration= through {type(pipe).__name__}'s own call takes {sorted(allowed)}, "
             f"got {sorted(unknown)}"
         )
-    if cfg.selection != "uniform":
-        raise ConfigError(
-            f"selection={cfg.selection!r} samples with its own sampler, which does not build "
-            f"{type(pipe).__name__}'s UNet inputs; use selection='uniform'"
-        )
     call = dict(options.get("pipeline_kwargs", {}))
     for key in ("negative_prompt", "guidance_scale"):
         if key in options:
             call[key] = options[key]
-    return record_pipeline_inputs(
+    recorded = record_pipeline_inputs(
         pipe,
         list(options["prompts"]),
         num_inference_steps=cfg.num_inference_steps,
@@ -268,6 +263,17 @@ def _recorded(pipe: Any, cfg: QuantizationConfig, options: Mapping[str, Any]) ->
         progress=False,
         **call,
     )
+    if cfg.selection == "tdac":  # one sample per prompt, spread over the steps by TDAC
+        return select_samples(
+            pipe.unet,
+            n=len(set(recorded.trajectory.tolist())),
+            radius=cfg.tdac_radius,
+            min_per_step=cfg.min_per_step,
+            seed=cfg.seed,
+            progress=False,
+            pool=recorded,
+        )
+    return recorded
 
 
 def _calibration_data(pipe: Any, cfg: QuantizationConfig, calibration: Any) -> CalibrationData:
