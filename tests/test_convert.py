@@ -247,3 +247,35 @@ def test_per_channel_quantize_of_int8_layers_matches_quantized_decomposed(axis, 
         x, steps, zero_points, axis, 0, 63, torch.uint8
     )
     assert torch.equal(quantize_uint8_per_channel(x, 1.0 / steps, 7, axis, 0, 63), expected)
+
+
+class _ReadsWeightDtype(torch.nn.Module):
+    """As diffusers' IP-Adapter image projection: ``x.to(self.lin.weight.dtype)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x.to(self.lin.weight.dtype))
+
+
+class _ComputesWithWeight(_ReadsWeightDtype):
+    def forward(self, x):
+        return self.lin(x) + self.lin.weight.sum()
+
+
+def test_float_weight_metadata_reads_convert_and_weight_math_is_refused():
+    x = torch.randn(4, 8)
+    for cls in (_ReadsWeightDtype, _ComputesWithWeight):
+        model = cls().eval()
+        prepared = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(8, 8), (x,))
+        dmq_fx.calibrate(prepared, [(x,)], progress=False)
+        if cls is _ReadsWeightDtype:
+            lowered = dmq_fx.convert_fx(prepared, "reference")
+            assert isinstance(lowered.get_submodule("lin"), QuantizedLayer)
+            with torch.no_grad():
+                torch.testing.assert_close(lowered(x), prepared(x), atol=1e-5, rtol=0)
+        else:
+            with pytest.raises(dmq_fx.ConvertError, match="float weight of quantized layer 'lin'"):
+                dmq_fx.convert_fx(prepared, "reference")

@@ -32,6 +32,33 @@ TINY_SD2 = dict(
 )
 
 
+def _ip_adapter_unet(clip_dim=12):
+    """TINY_SD with an IP-Adapter (``encoder_hid_dim_type="ip_image_proj"``): its image
+    projection and the cross-attention processors' ``to_k_ip`` / ``to_v_ip``, random, loaded by
+    diffusers' own loader from an IP-Adapter state dict."""
+    unet = build_unet(TINY_SD)
+    cfg, g = unet.config, torch.Generator().manual_seed(5)
+    cross = cfg.cross_attention_dim
+    image_proj = {
+        "proj.weight": 0.2 * torch.randn(4 * cross, clip_dim, generator=g),
+        "proj.bias": torch.zeros(4 * cross),
+        "norm.weight": torch.ones(cross),
+        "norm.bias": torch.zeros(cross),
+    }
+    ip, key_id = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        level = 0 if name.startswith("mid") else int(name.split(".")[1])
+        widths = cfg.block_out_channels
+        hidden = {"mid": widths[-1], "up_": widths[::-1][level], "dow": widths[level]}[name[:3]]
+        for kind in ("to_k_ip", "to_v_ip"):
+            ip[f"{key_id}.{kind}.weight"] = 0.2 * torch.randn(hidden, cross, generator=g)
+        key_id += 2
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": ip}])
+    return unet.eval()
+
+
 def _residuals(model, batch, g, intrablock=False):
     """ControlNet-style residuals: one per down-block output and one for the middle block;
     T2I-Adapter's: one per down block (``down_intrablock_additional_residuals``)."""
@@ -73,6 +100,8 @@ def _inputs(family, model, batch, seed):
         )
     elif family == "t2i-adapter":
         k["down_intrablock_additional_residuals"] = _residuals(model, batch, g, intrablock=True)
+    elif family == "ip-adapter":
+        k["added_cond_kwargs"] = {"image_embeds": [torch.randn(batch, 1, 12, generator=g)]}
     elif family == "masked-lora-scale":
         k["encoder_attention_mask"] = torch.ones(batch, k["encoder_hidden_states"].shape[1])
         k["encoder_attention_mask"][:, -2:] = 0
@@ -88,12 +117,13 @@ FAMILIES = {
     "controlnet": TINY_SD,
     "t2i-adapter": TINY_SD,
     "masked-lora-scale": TINY_SD,
+    "ip-adapter": None,  # _ip_adapter_unet
 }
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_traces_exactly_and_quantizes(family):
-    model = build_unet(FAMILIES[family])
+    model = _ip_adapter_unet() if family == "ip-adapter" else build_unet(FAMILIES[family])
     example = _inputs(family, model, 2, 0)
     graph = dmq_fx.trace(model, *example)
     a, k = _inputs(family, model, 3, 1)

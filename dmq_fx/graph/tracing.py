@@ -211,6 +211,16 @@ class _ValueAttribute(fx.proxy.Attribute, _ValueProxy):
         pass  # derived from the root
 
 
+def _raw_attribute(obj: Any, name: str) -> Any:
+    """``getattr(obj, name)`` without fx's patched ``Module.__getattr__`` (which, for a
+    parameter, would ask the tracer for a proxy again: ``self.linear.weight.dtype`` recursed)."""
+    if isinstance(obj, torch.nn.Module):
+        for table in (obj._parameters, obj._buffers, obj._modules):
+            if name in table:
+                return table[name]
+    return getattr(obj, name)
+
+
 class ValueTracer(fx.Tracer):
     """An FX tracer whose proxies carry the concrete values of the example inputs.
 
@@ -272,7 +282,7 @@ class ValueTracer(fx.Tracer):
         if kind == "get_attr":
             obj = self.root
             for atom in target.split("."):
-                obj = getattr(obj, atom)
+                obj = _raw_attribute(obj, atom)
             return obj
         args, kwargs = _concrete(args), _concrete(kwargs)
         if kind == "call_function":

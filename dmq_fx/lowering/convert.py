@@ -470,11 +470,50 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
         _warn_saturation(saturating, len(quantized_layer_nodes(prepared)))
     for owner in les_owners:
         gm.delete_submodule(les_scale_name(owner))
+    _redirect_weight_metadata_reads(gm, {str(n.target) for n in quantized_layer_nodes(gm)})
     gm.graph.lint()
     gm.recompile()
     record = graph_state(gm)
     record.state, record.backend, record.converted_from = "converted", backend, converted_from
     return gm
+
+
+#: what a graph may read of a quantized layer's float weight: its metadata
+_METADATA_ATTRIBUTES = ("dtype", "device")
+
+
+def _redirect_weight_metadata_reads(gm: fx.GraphModule, layers: set[str]) -> None:
+    """Point reads of a replaced layer's float ``weight`` / ``bias`` at an empty buffer of the
+    same dtype and device (``x.to(self.proj.weight.dtype)`` in diffusers' image projection).
+
+    Matches ``get_attr`` nodes ``<layer>.weight`` / ``<layer>.bias`` of quantized layers; only
+    ``.dtype`` / ``.device`` reads are allowed: a graph that computes with the float weight of
+    a quantized layer cannot be lowered (ConvertError naming the layer and the node)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        owner, _, attr = node.target.rpartition(".")
+        if owner not in layers or attr not in ("weight", "bias"):
+            continue
+        readers = [u for u in node.users if not (u.op == "call_function" and u.target is getattr)]
+        readers += [
+            u
+            for u in node.users
+            if u.op == "call_function"
+            and u.target is getattr
+            and u.args[1] not in _METADATA_ATTRIBUTES
+        ]
+        if readers:
+            raise ConvertError(
+                f"node '{readers[0].name}' computes with the float {attr} of quantized layer "
+                f"'{owner}'; keep that layer float (qconfig_mapping.set_module_name('{owner}', "
+                "None))"
+            )
+        layer = gm.get_submodule(owner)
+        name = f"float_{attr}_metadata"
+        if not hasattr(layer, name):
+            layer.register_buffer(name, torch.empty(0, dtype=torch.float32))
+        node.target = f"{owner}.{name}"
 
 
 def _warn_saturation(layers: list[str], total: int) -> None:
