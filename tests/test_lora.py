@@ -216,3 +216,42 @@ def test_kohya_files_load_through_diffusers_converter(setup):
     from_peft = dmq_fx.load_lora(dmq_fx.convert_fx(prepared, "x86"), state, lora_alpha=4)
     from_kohya = dmq_fx.load_lora(dmq_fx.convert_fx(prepared, "x86"), kohya)
     assert torch.equal(_out(from_kohya), _out(from_peft))
+
+
+def test_fused_lora_is_requantized_with_the_stored_steps(setup):
+    """fuse=True merges the LoRA into the integer weights (W8A8 here: steps fine enough to hold
+    it), states per layer how much of the delta survived, and remove_lora restores the
+    integers."""
+    from dmq_fx.workflow.lora import lora_weights
+
+    unet, _ = setup
+    a, k = example_inputs(unet, batch=4)
+    prepared = dmq_fx.prepare_fx(unet, dmq_fx.get_default_qconfig_mapping(8, 8), a, k, les=True)
+    stages = [dmq_fx.SmoothQuantScales(), "observe_activations", "observe_weights"]
+    dmq_fx.calibrate(prepared, calibration_data(unet), stages, progress=False)
+    _, state = _with_lora(unet, seed=7)
+    quantized = dmq_fx.convert_fx(prepared, "x86")
+    plain = _out(quantized)
+    branch = _out(dmq_fx.load_lora(copy.deepcopy(quantized), state, lora_alpha=8))
+    dmq_fx.load_lora(quantized, state, "fused", lora_alpha=8, fuse=True)
+    assert not any("_lora" in n.name for n in quantized.graph.nodes)  # no branch
+    fused = _out(quantized)
+    # the fused graph follows the branch graph far closer than the LoRA's own effect
+    assert sqnr_db(branch - plain, fused - plain) >= 10
+    stated = quantized.meta["dmq_fx_lora"]["fused"]["sqnr_db"]
+    assert set(stated) == set(lora_weights(state)) and min(stated.values()) > 10
+    # by hand for one layer: the integer change against the intended delta W' - W
+    name = "down_blocks.0.resnets.0.conv1"
+    layer = quantized.get_submodule(name)
+    down, up, _ = lora_weights(state)[name]
+    tau = next(v for key, v in quantized.meta["dmq_fx"].converted_from.state.items()
+               if key.startswith(f"{name}.") and key.endswith("les.tau"))  # fmt: skip
+    delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0], down) * 2.0 * tau.view(1, -1, 1, 1)
+    original = quantized.meta["dmq_fx_lora"]["fused"]["fused"][name][0]
+    steps = layer.weight_scale_0.view(-1, 1, 1, 1)
+    change = (layer.weight_int_0.int() - original.int()) * steps
+    assert stated[name] == pytest.approx(sqnr_db(delta, change), abs=1e-3)
+    with pytest.raises(dmq_fx.ConfigError, match="fused into the weights"):
+        dmq_fx.set_lora_scale(quantized, "fused", 0.5)
+    dmq_fx.remove_lora(quantized, "fused")
+    assert torch.equal(_out(quantized), plain)

@@ -193,8 +193,14 @@ def _float_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
 def _tau_of_folded_norm(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
     """``tau`` of a layer whose LES division went into the norm before it (``les:norm``): its
     input is ``x / tau`` then."""
+    return _les_tau(gm, node, ("norm",))
+
+
+def _les_tau(gm: fx.GraphModule, node: fx.Node, forms=("norm", "step")) -> torch.Tensor | None:
+    """``tau`` of a layer lowered with LES in one of ``forms`` (its integer weights are those
+    of ``W diag(tau)``), else None."""
     spec = node.meta.get(ANNOTATION_KEY)
-    if spec is None or spec.les_lowering != "norm":
+    if spec is None or spec.les_lowering not in forms:
         return None
     # the owner's LES scale module, or the weight parametrization sharing its tau
     state = graph_state(gm).converted_from.state
@@ -250,8 +256,17 @@ def load_lora(
     scale: float = 1.0,
     *,
     lora_alpha: float | None = None,
+    fuse: bool = False,
 ) -> fx.GraphModule:
     """Add a LoRA adapter to a converted graph as float low-rank branches (module docstring).
+
+    ``fuse=True`` merges the adapter into the integer weights instead: each targeted layer's
+    weight ``W + scale * alpha / r * B A`` is re-quantized with the layer's stored steps and zero
+    points (no branch, no extra cost; a delta much smaller than a weight step is lost). What
+    survives is stated per layer in ``quantized.meta["dmq_fx_lora"][adapter_name]["sqnr_db"]``:
+    the SQNR of the fused integer change against the intended delta. Layers with PTS shifts or
+    timestep tables cannot be fused (ConfigError before anything changes); ``remove_lora``
+    restores the original integers.
 
     ``lora``: a state dict or a ``.safetensors`` path (peft / diffusers / kohya naming, see
     :func:`lora_weights`). Each branch is scaled by ``scale * alpha / rank``: ``alpha`` from the
@@ -272,6 +287,8 @@ def load_lora(
         raise ConfigError(f"an adapter named '{adapter_name}' is loaded already; remove_lora it")
     for name, (down, up, _) in weights.items():
         _shapes(quantized.get_submodule(name), name, down, up)
+    if fuse:
+        return _fuse(quantized, weights, layers, adapter_name, scale, lora_alpha)
     for name, (down, up, alpha) in weights.items():
         node = layers[name]
         branches = _branches(quantized, node)
@@ -283,6 +300,54 @@ def load_lora(
         branches.add(adapter_name, down, up, alpha / rank, scale)
     quantized.graph.lint()
     quantized.recompile()
+    return quantized
+
+
+def _fuse(quantized, weights, layers, adapter_name, scale, lora_alpha) -> fx.GraphModule:
+    """``load_lora(fuse=True)``: the adapter merged into the integer weights (see there)."""
+    for name in weights:
+        module, spec = quantized.get_submodule(name), layers[name].meta.get(ANNOTATION_KEY)
+        if not isinstance(module, QuantizedLayer) or spec.pts_lowering or spec.timestep_table:
+            why = "a float layer" if not isinstance(module, QuantizedLayer) else "PTS / tables"
+            raise ConfigError(f"cannot fuse a LoRA into '{name}' ({why}); load it unfused")
+    record = {"fused": {}, "sqnr_db": {}}
+    for name, (down, up, alpha) in weights.items():
+        layer = quantized.get_submodule(name)
+        rank = down.shape[0]
+        factor = scale * (alpha or lora_alpha or rank) / rank
+        if down.dim() == 4:  # conv: B (out, r, 1, 1) x A (r, in, k, k)
+            delta = torch.einsum("or,rikl->oikl", up[:, :, 0, 0].float(), down.float())
+        else:
+            delta = up.float() @ down.float()
+        delta = delta * factor
+        tau = _les_tau(quantized, layers[name])
+        if tau is not None:  # the integers are those of W diag(tau)
+            delta = delta * tau.view(1, -1, *([1] * (delta.dim() - 2)))
+        originals, changes = [], []
+        start = 0
+        for g in range(layer.num_groups):
+            w_int = getattr(layer, f"weight_int_{g}")
+            width = w_int.shape[1]
+            part = delta[:, start : start + width]
+            start += width
+            shape = (-1,) + (1,) * (w_int.dim() - 1)
+            steps = getattr(layer, f"weight_scale_{g}").view(shape)
+            zero_points = getattr(layer, f"weight_zero_point_{g}").view(shape)
+            merged = (w_int.int() - zero_points) * steps + part
+            fused = torch.round(merged / steps) + zero_points
+            fused = fused.clamp(layer.weight_quant_min, layer.weight_quant_max).to(w_int.dtype)
+            originals.append(w_int.clone())
+            changes.append(((fused.int() - w_int.int()) * steps, part))
+            w_int.copy_(fused)
+        layer._packed = None  # repack the new integers
+        got = torch.cat([c.flatten() for c, _ in changes])
+        want = torch.cat([p.flatten() for _, p in changes])
+        noise = (got - want).pow(2).sum()
+        record["sqnr_db"][name] = float(
+            10 * torch.log10(want.pow(2).sum() / noise.clamp_min(1e-30))
+        )
+        record["fused"][name] = originals
+    quantized.meta.setdefault("dmq_fx_lora", {})[adapter_name] = record
     return quantized
 
 
@@ -321,7 +386,16 @@ def lora_adapters(quantized: fx.GraphModule) -> list[str]:
     names: list[str] = []
     for branches in _all_branches(quantized).values():
         names += [n for n in branches.scales if n not in names]
-    return names
+    return names + [n for n in quantized.meta.get("dmq_fx_lora", {}) if n not in names]
+
+
+def _check_unfused(quantized: fx.GraphModule, names: Sequence[str], what: str) -> None:
+    fused = [n for n in names if n in quantized.meta.get("dmq_fx_lora", {})]
+    if fused:
+        raise ConfigError(
+            f"adapter '{fused[0]}' is fused into the weights: it has no {what}; remove_lora it "
+            "and load it again (unfused) to change that"
+        )
 
 
 def _require(quantized: fx.GraphModule, names: Sequence[str]) -> None:
@@ -334,6 +408,7 @@ def _require(quantized: fx.GraphModule, names: Sequence[str]) -> None:
 def set_lora_scale(quantized: fx.GraphModule, adapter_name: str, scale: float) -> None:
     """Scale adapter ``adapter_name`` by ``scale`` (times its ``alpha / rank``) from now on."""
     _require(quantized, [adapter_name])
+    _check_unfused(quantized, [adapter_name], "scale")
     for branches in _all_branches(quantized).values():
         if adapter_name in branches.scales:
             branches.scales[adapter_name] = float(scale)
@@ -346,6 +421,8 @@ def set_adapters(
     scales if given, as diffusers' ``set_adapters``."""
     names = [names] if isinstance(names, str) else list(names)
     _require(quantized, names)
+    off = [n for n in quantized.meta.get("dmq_fx_lora", {}) if n not in names]
+    _check_unfused(quantized, off + ([n for n in names] if weights is not None else []), "switch")
     if weights is not None:
         if len(weights) != len(names):
             raise ConfigError(f"{len(names)} adapters but {len(weights)} weights")
@@ -356,8 +433,17 @@ def set_adapters(
 
 
 def remove_lora(quantized: fx.GraphModule, adapter_name: str) -> fx.GraphModule:
-    """Remove adapter ``adapter_name``; a layer left without adapters gets its graph back."""
+    """Remove adapter ``adapter_name``; a layer left without adapters gets its graph back (a
+    fused adapter: the original integer weights)."""
     _require(quantized, [adapter_name])
+    fused = quantized.meta.get("dmq_fx_lora", {}).pop(adapter_name, None)
+    if fused is not None:
+        for name, originals in fused["fused"].items():
+            layer = quantized.get_submodule(name)
+            for g, w_int in enumerate(originals):
+                getattr(layer, f"weight_int_{g}").copy_(w_int)
+            layer._packed = None
+        return quantized
     graph = quantized.graph
     for name, branches in _all_branches(quantized).items():
         if adapter_name not in branches.scales:
