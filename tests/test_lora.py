@@ -255,3 +255,17 @@ def test_fused_lora_is_requantized_with_the_stored_steps(setup):
         dmq_fx.set_lora_scale(quantized, "fused", 0.5)
     dmq_fx.remove_lora(quantized, "fused")
     assert torch.equal(_out(quantized), plain)
+
+
+def test_files_written_by_diffusers_save_lora_weights_load(setup, tmp_path):
+    """What ``StableDiffusionPipeline.save_lora_weights`` writes for a UNet LoRA loads, and
+    gives the graph the peft state dict gives."""
+    from diffusers import StableDiffusionPipeline
+
+    unet, prepared = setup
+    _, state = _with_lora(unet, seed=8, alpha=4)
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=state)
+    (path,) = tmp_path.glob("*.safetensors")
+    from_file = dmq_fx.load_lora(dmq_fx.convert_fx(prepared, "x86"), path)
+    from_dict = dmq_fx.load_lora(dmq_fx.convert_fx(prepared, "x86"), state, lora_alpha=4)
+    assert torch.equal(_out(from_file), _out(from_dict))
