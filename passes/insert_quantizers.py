@@ -160,6 +160,24 @@ def input_quantizer_name(layer_target: str, group: int, num_groups: int) -> str:
     return f"{layer_target}_input_quant" + (f"_{group}" if num_groups > 1 else "")
 
 
+def _half_precision_dtype(node: fx.Node) -> torch.dtype | None:
+    """The layer's output dtype when it is a half-precision float (fp16 / bf16), else None."""
+    meta = node.meta.get("tensor_meta")
+    dtype = getattr(meta, "dtype", None)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _cast(gm: fx.GraphModule, layer: fx.Node, x: fx.Node, dtype, *, before: bool) -> fx.Node:
+    """A ``x.to(dtype)`` node before (an input) or after (the output of) ``layer``."""
+    where = gm.graph.inserting_before(layer) if before else gm.graph.inserting_after(layer)
+    with where:
+        cast = gm.graph.call_method("to", (x, dtype))
+    meta = x.meta.get("tensor_meta")
+    if meta is not None:
+        cast.meta["tensor_meta"] = meta._replace(dtype=dtype)
+    return cast
+
+
 def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     """Insert the fake quantizers that the annotations of ``gm`` ask for.
 
@@ -174,12 +192,22 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
     each input quantizer is a :class:`~dmq_fx.observers.TimestepTableFakeQuantize` called as
     ``quant(x, timestep)``. Observers start enabled and fake quantization disabled, as in a
     torch.ao prepared model.
+
+    In a half-precision model (fp16 / bf16) a quantized layer computes in float32: its weights
+    become float32 (the model's values, exactly), its inputs are cast to float32 before their
+    quantizers (``x.float()``), and its output back to the model's dtype (``y.to(dtype)``), so
+    the integers and steps are those of float32 arithmetic while the float layers stay in the
+    model's dtype.
     """
     for node in quantized_layer_nodes(gm):
         spec: LayerQuantSpec = node.meta[ANNOTATION_KEY]
         layer = gm.get_submodule(node.target)
         n_groups = len(spec.input_groups)
         inputs = [node.args[0]] if n_groups == 1 else list(node.args[0].args[0])
+        half = _half_precision_dtype(node)
+        if half is not None:
+            layer.float()
+            inputs = [_cast(gm, node, x, torch.float32, before=True) for x in inputs]
         quantized = []
         for g, inp in enumerate(inputs):
             fq = make_fake_quantize(spec.qconfig.activation)
@@ -209,6 +237,11 @@ def insert_quantizers(gm: fx.GraphModule) -> fx.GraphModule:
         parametrize.register_parametrization(
             layer, "weight", GroupedWeightFakeQuantize(weight_fqs, spec.input_groups), unsafe=True
         )
+        if half is not None:
+            users = list(node.users)
+            back = _cast(gm, node, node, half, before=False)
+            for user in users:
+                user.replace_input_with(node, back)
     gm.graph.lint()
     gm.recompile()
     return gm
