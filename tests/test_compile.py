@@ -130,3 +130,27 @@ def test_x86_lowering_is_silent_when_every_layer_runs_int8(monkeypatch):
         warnings.simplefilter("error", dmq_fx.ReferenceFormWarning)
         _, quantized = _converted(TINY_DDPM, bits=(8, 8))
     assert all(r["form"] == "int8" for r in dmq_fx.summary(quantized).rows)
+
+
+def test_compiled_sdxl_graph_with_nested_inputs():
+    """A graph with dict inputs (SDXL's added_cond_kwargs) compiles in one graph; a wrong dict
+    raises the graph's own InputMismatchError before the compiled code runs."""
+    from dmq_fx.graph.unet_configs import TINY_SDXL
+    from dmq_fx.metrics import sqnr_db
+
+    torch._dynamo.reset()
+    model = build_unet(TINY_SDXL)
+    a, k = example_inputs(model, batch=4)
+    prepared = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(4, 8), a, k)
+    data = [example_inputs(model, batch=4, seed=s) for s in range(3)]
+    dmq_fx.calibrate(prepared, data, progress=False)
+    quantized = dmq_fx.convert_fx(prepared)
+    compiled = dmq_fx.compile(quantized, dynamic=False)
+    a2, k2 = example_inputs(model, batch=4, seed=7)
+    with torch.no_grad():
+        fp, eager = model(*a2, **k2).sample, quantized(*a2, **k2).sample
+        out = compiled(*a2, **k2).sample
+    assert sqnr_db(eager, out) >= sqnr_db(fp, eager) + 10  # the module docstring's bound
+    missing = {"text_embeds": k2["added_cond_kwargs"]["text_embeds"]}
+    with pytest.raises(dmq_fx.InputMismatchError, match="added_cond_kwargs"):
+        compiled(*a2, **{**k2, "added_cond_kwargs": missing})

@@ -18,6 +18,8 @@ where one flipped integer weighs most).
 
 from __future__ import annotations
 
+import inspect
+import operator
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ import torch._inductor.config as inductor_config
 from torch import fx
 
 from dmq_fx.errors import ConvertError, TimestepOutOfGridError
+from dmq_fx.graph import graph_ops
 from dmq_fx.graph.meta import graph_state
 from dmq_fx.lowering.quantized_modules import QuantizedLayer
 from dmq_fx.observers import nearest_grid_index
@@ -47,6 +50,11 @@ class CompiledQuantizedGraph(torch.nn.Module):
         self._grids = [b for name, b in quantized.named_buffers() if name.endswith("_grid")]
         names = graph_state(quantized).input_names
         self._timestep_index = names.index("timestep") if "timestep" in names else None
+        # the checks of nested inputs (keys, lengths, constants), run before the compiled graph
+        checks = (graph_ops.check_structure, graph_ops.check_constant)
+        self._input_checks = [
+            n for n in quantized.graph.nodes if n.op == "call_function" and n.target in checks
+        ]
 
     def _check_timestep(self, args: tuple, kwargs: dict) -> None:
         """Refuse a timestep the tables were not calibrated for, before the compiled graph runs:
@@ -66,9 +74,32 @@ class CompiledQuantizedGraph(torch.nn.Module):
         for grid in self._grids:
             nearest_grid_index(grid, t[:1])  # raises outside the calibrated range
 
+    def _check_nested_inputs(self, args: tuple, kwargs: dict) -> None:
+        """Run the graph's checks of dict / tuple inputs eagerly, so a wrong input raises the
+        graph's own InputMismatchError instead of a dynamo error from inside compiled code."""
+        bound = inspect.signature(self.quantized.forward).bind(*args, **kwargs)
+        bound.apply_defaults()
+        values = {
+            n: bound.arguments[n.target]
+            for n in self.quantized.graph.nodes
+            if n.op == "placeholder" and n.target in bound.arguments
+        }
+
+        def value(node: fx.Node) -> Any:
+            if node not in values:  # an entry of a checked container (getitem of getitem ...)
+                if node.op != "call_function" or node.target is not operator.getitem:
+                    raise TypeError(f"input check reads node '{node.name}', not an input entry")
+                values[node] = value(node.args[0])[node.args[1]]
+            return values[node]
+
+        for check in self._input_checks:  # in graph order: a container before its entries
+            check.target(*fx.node.map_arg(check.args, value))
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._grids:
             self._check_timestep(args, kwargs)
+        if self._input_checks:
+            self._check_nested_inputs(args, kwargs)
         previous = inductor_config.freezing
         inductor_config.freezing = True
         try:
