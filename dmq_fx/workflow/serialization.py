@@ -27,6 +27,9 @@ from dmq_fx.errors import ConfigError, LoadError
 from dmq_fx.graph.meta import ANNOTATION_KEY, GraphState, graph_state, quantized_layer_nodes
 from dmq_fx.graph.model_identity import model_config, weights_fingerprint
 from dmq_fx.lowering.convert import convert_fx
+from dmq_fx.lowering.quantized_modules import QuantizedLayer
+from dmq_fx.passes import ScaleWeightInputChannels, input_quantizer_name
+from dmq_fx.passes.insert_les_scales import tau_per_weight
 from dmq_fx.quantize.modes import set_quantizer_mode
 from dmq_fx.quantize.prepare import prepare_fx
 from dmq_fx.quantize.qconfig import get_default_qconfig
@@ -43,15 +46,25 @@ __all__ = ["FORMAT", "calibrated_graph", "load", "save"]
 FORMAT = "dmq_fx.quantized/2"
 
 
-def save(graph: fx.GraphModule, path: str | Path) -> None:
+def save(graph: fx.GraphModule, path: str | Path, *, standalone: bool = False) -> None:
     """Write what calibration learned for ``graph`` to ``path`` (safetensors + JSON config).
 
     ``graph`` is a calibrated graph (after :func:`dmq_fx.calibrate`) or the result of
     :func:`dmq_fx.convert_fx`. The float model's class, config and weight fingerprint (recorded
     by :func:`dmq_fx.trace`) go with it, so that :func:`load` refuses another model.
+
+    ``standalone=True`` (a converted graph only) also writes the lowered graph's own tensors:
+    integer weights (4-bit and narrower packed two to a byte), their steps and zero points, the
+    float layers' weights and the activation qparams, so that ``load(path)`` rebuilds the same
+    graph without the float model.
     """
     meta = graph_state(graph)
     state = meta.state if meta is not None else None
+    if standalone and state != "converted":
+        raise ConfigError(
+            "save(standalone=True) writes the lowered graph: pass the result of "
+            f"dmq_fx.convert_fx, got {'a ' + state + ' graph' if state else type(graph).__name__}"
+        )
     if state == "calibrated":
         tensors, record, backend = learned_state(graph), saved_settings(graph), None
     elif state == "converted" and meta.converted_from is not None:
@@ -79,8 +92,67 @@ def save(graph: fx.GraphModule, path: str | Path) -> None:
         },
         **record,
     }
+    if standalone:
+        # learned roundings are in the integers already (and would not fit the rebuilt weights)
+        tensors = {k: v for k, v in tensors.items() if not _is_rounding(k)}
+        lowered, packed = _lowered_tensors(graph)
+        tensors.update({f"{LOWERED}{k}": v for k, v in lowered.items()})
+        config["standalone"] = {
+            "packed": packed,
+            "pts_shift": [
+                str(n.target)
+                for n in quantized_layer_nodes(graph)
+                if n.meta[ANNOTATION_KEY].pts_lowering == "shift"
+            ],
+        }
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     save_file(tensors, str(path), metadata={"format": FORMAT, "config": json.dumps(config)})
+
+
+#: prefix of a standalone file's lowered-graph tensors
+LOWERED = "lowered/"
+
+
+def _is_rounding(key: str) -> bool:
+    return key.rpartition(".")[2].startswith("rounding_")
+
+
+def _lowered_tensors(graph: fx.GraphModule) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """The converted graph's state, integer weights of at most 4 bits packed two to a byte;
+    the shapes of the packed ones."""
+    out, packed = {}, {}
+    narrow = {
+        name
+        for name, m in graph.named_modules()
+        if isinstance(m, QuantizedLayer) and m.weight_quant_min >= 0 and m.weight_quant_max <= 15
+    }
+    for key, value in graph.state_dict().items():
+        owner, _, attr = key.rpartition(".")
+        if owner in narrow and attr.startswith("weight_int_") and value.dtype == torch.uint8:
+            out[key], packed[key] = pack_nibbles(value), list(value.shape)
+        elif (
+            attr.startswith("weight_zero_point_")
+            and 0 <= int(value.min()) <= int(value.max()) < 256
+        ):
+            out[key] = value.to(torch.uint8)  # int32 in the graph; loaded back as int32
+        else:
+            out[key] = value
+    return out, packed
+
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15, flattened, two to a byte (element ``2i`` in the low nibble)."""
+    flat = values.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    pairs = flat.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The uint8 tensor of ``shape`` that :func:`pack_nibbles` packed."""
+    flat = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)
+    return flat[: torch.Size(shape).numel()].reshape(shape)
 
 
 def _example_inputs(spec: dict) -> dict[str, Any]:
@@ -113,11 +185,17 @@ def _read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def load(
     path: str | Path,
-    float_model: torch.nn.Module,
+    float_model: torch.nn.Module | None = None,
     *,
     qconfig_mapping: QConfigMapping | None = None,
 ) -> fx.GraphModule:
     """Rebuild the graph saved by :func:`save` on ``float_model``.
+
+    A file written with ``save(..., standalone=True)`` loads without ``float_model``: the model
+    is built from its recorded class and config, traced and prepared as before, its quantized
+    layers get the float weights their saved integers stand for, and after ``convert_fx`` the
+    lowered graph takes the saved tensors; it computes exactly what the saved graph computed.
+    With ``float_model`` given, that model is checked against the file as for any file.
 
     Returns the converted graph when a converted graph was saved, else the calibrated graph
     (ready for :func:`dmq_fx.convert_fx`). ``qconfig_mapping`` is needed only when the file was
@@ -127,10 +205,82 @@ def load(
     """
 
     config, tensors = _read(path)
-    prepared = _rebuild(config, tensors, float_model, qconfig_mapping, str(path))
+    standalone = config.get("standalone")
+    if float_model is None and not standalone:
+        raise LoadError(
+            f"{path} holds the calibration only: load it on its float model, "
+            "load(path, float_model), or save it with save(..., standalone=True)"
+        )
+    lowered = {k[len(LOWERED) :]: v for k, v in tensors.items() if k.startswith(LOWERED)}
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(LOWERED)}
+    check_weights = float_model is not None
+    if float_model is None:
+        float_model = _model_from_config(config, str(path))
+    prepared = _rebuild(config, tensors, float_model, qconfig_mapping, str(path), check_weights)
     if config["backend"] is None:
         return prepared
-    return convert_fx(prepared, config["backend"])
+    if not standalone:
+        return convert_fx(prepared, config["backend"])
+    for key, shape in standalone["packed"].items():
+        lowered[key] = unpack_nibbles(lowered[key], shape)
+    for key, value in lowered.items():
+        if key.rpartition(".")[2].startswith("weight_zero_point_"):
+            lowered[key] = value.to(torch.int32)
+    _weights_from_integers(prepared, lowered, set(standalone["pts_shift"]))
+    converted = convert_fx(prepared, config["backend"])
+    try:
+        converted.load_state_dict(lowered, strict=True)
+    except RuntimeError as e:
+        raise LoadError(f"{path}: the rebuilt graph does not take its lowered tensors ({e})") from e
+    return converted
+
+
+def _model_from_config(config: dict, path: str) -> torch.nn.Module:
+    """The float model class of the file, built from its config (random weights: every one
+    the lowered graph uses is replaced)."""
+    import importlib
+
+    module_name, _, class_name = config["model_class"].rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        return cls.from_config(config["model_config"]).eval()
+    except Exception as e:  # an unknown class or a config it refuses: named
+        raise LoadError(
+            f"{path}: cannot build its {config['model_class']} from the recorded config ({e})"
+        ) from e
+
+
+def _weights_from_integers(
+    prepared: fx.GraphModule, lowered: dict[str, torch.Tensor], pts_shift: set[str]
+) -> None:
+    """Give each quantized layer of ``prepared`` the float weight its saved integers stand for
+    (``(W_int - z) * s``, unshifted for PTS shift layers, divided by LES's tau), so that
+    ``convert_fx`` makes the same integers and the same lowering choices."""
+    for node in quantized_layer_nodes(prepared):
+        name = str(node.target)
+        layer = prepared.get_submodule(name)
+        parts = []
+        for g in range(len(node.meta[ANNOTATION_KEY].input_groups)):
+            w_int = lowered[f"{name}.weight_int_{g}"]
+            shape = (-1,) + (1,) * (w_int.dim() - 1)
+            steps = lowered[f"{name}.weight_scale_{g}"].view(shape)
+            zero_points = lowered[f"{name}.weight_zero_point_{g}"].view(shape)
+            w = (w_int.int() - zero_points) * steps
+            if name in pts_shift:  # integers (W_int - z) * 2^j_c: back to W_int - z
+                fq = prepared.get_submodule(input_quantizer_name(name, g, len(node.meta[
+                    ANNOTATION_KEY].input_groups)))  # fmt: skip
+                factors = fq.observer.channel_factors(w.shape[1])
+                shifts = torch.round(factors * 2**fq.observer.max_shift)
+                w = w / shifts.view(1, -1, *([1] * (w.dim() - 2)))
+            parts.append(w)
+        weight = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        for module in reversed(list(layer.parametrizations.weight)[:-1]):
+            if not isinstance(module, ScaleWeightInputChannels):
+                raise LoadError(f"layer '{name}': weight parametrization {type(module).__name__}")
+            weight = weight / tau_per_weight(module.les.tau, weight, module.groups)
+        original = layer.parametrizations.weight.original
+        with torch.no_grad():
+            original.copy_(weight.to(original.dtype))
 
 
 def calibrated_graph(graph: fx.GraphModule, float_model: torch.nn.Module) -> fx.GraphModule:
@@ -168,6 +318,7 @@ def _rebuild(
     float_model: torch.nn.Module,
     qconfig_mapping: QConfigMapping | None,
     path: str,
+    check_weights: bool = True,
 ) -> fx.GraphModule:
     """The calibrated graph described by ``config`` and ``tensors``, on ``float_model``."""
 
@@ -179,7 +330,7 @@ def _rebuild(
             f"{path} was made for a {type(float_model).__name__} with another config "
             "(another architecture): load it on the model it was calibrated on"
         )
-    if weights_fingerprint(float_model) != config["weights_fingerprint"]:
+    if check_weights and weights_fingerprint(float_model) != config["weights_fingerprint"]:
         raise LoadError(
             f"{path} was calibrated on other weights of this {type(float_model).__name__}: "
             "load it on the float model it was calibrated on"
