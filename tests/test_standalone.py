@@ -105,3 +105,22 @@ def test_fashion28_standalone_file_is_a_third_of_fp32(tmp_path):
     with torch.no_grad():
         loaded = dmq_fx.load(tmp_path / "q.safetensors")(*a, **k).sample
         assert torch.equal(loaded, converted(*a, **k).sample)
+
+
+def test_a_graph_with_nested_inputs_saves_and_loads(tmp_path):
+    """SDXL's dict input is recorded in the file's example spec and rebuilt on load."""
+    from dmq_fx.graph.unet_configs import TINY_SDXL
+
+    model = build_unet(TINY_SDXL)
+    a, k = example_inputs(model, batch=4)
+    prepared = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(4, 8), a, k)
+    data = [example_inputs(model, batch=4, seed=s) for s in range(2)]
+    dmq_fx.calibrate(prepared, data, progress=False)
+    converted = dmq_fx.convert_fx(prepared, "x86")
+    dmq_fx.save(converted, tmp_path / "standalone.st", standalone=True)
+    dmq_fx.save(converted, tmp_path / "plain.st")
+    a2, k2 = example_inputs(model, batch=3, seed=5)
+    with torch.no_grad():
+        expected = converted(*a2, **k2).sample
+        assert torch.equal(dmq_fx.load(tmp_path / "standalone.st")(*a2, **k2).sample, expected)
+        assert torch.equal(dmq_fx.load(tmp_path / "plain.st", model)(*a2, **k2).sample, expected)

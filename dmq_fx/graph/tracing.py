@@ -541,15 +541,21 @@ def trace(
 
 def _example_spec(provided: Mapping[str, Any]) -> dict[str, dict]:
     """JSON description of the example inputs: tensors by shape and dtype, others by value."""
-    spec = {}
-    for name, value in provided.items():
-        if isinstance(value, torch.Tensor):
-            spec[name] = {"shape": list(value.shape), "dtype": str(value.dtype).split(".")[-1]}
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            spec[name] = {"value": value}
-        else:
-            spec[name] = {"unsupported": type(value).__name__}
-    return spec
+    return {name: _value_spec(value) for name, value in provided.items()}
+
+
+def _value_spec(value: Any) -> dict:
+    """One input as JSON: ``{"shape", "dtype"}``, ``{"value"}``, ``{"dict": {key: spec}}``,
+    ``{"list" | "tuple": [spec, ...]}``, or ``{"unsupported": type}``."""
+    if isinstance(value, torch.Tensor):
+        return {"shape": list(value.shape), "dtype": str(value.dtype).split(".")[-1]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return {"dict": {k: _value_spec(v) for k, v in value.items()}}
+    if isinstance(value, (tuple, list)):
+        return {type(value).__name__: [_value_spec(v) for v in value]}
+    return {"unsupported": type(value).__name__}
 
 
 def _restore_specialised_args(graph: fx.Graph, concrete_args: Mapping[str, Any]) -> None:

@@ -60,11 +60,13 @@ def saved_settings(prepared: fx.GraphModule) -> dict:
     meta = graph_state(prepared)
     if meta is None or meta.prepare_flags is None:
         raise ConfigError("save() needs a graph made by dmq_fx.prepare_fx from this version")
-    odd = [k for k, v in meta.example_spec.items() if "unsupported" in v]
+    odd = {k: _unsupported(v) for k, v in meta.example_spec.items()}
+    odd = {k: v for k, v in odd.items() if v is not None}
     if odd:
+        name, kind = next(iter(odd.items()))
         raise ConfigError(
-            f"save() records the example inputs to re-trace the model; input {odd[0]!r} is a "
-            f"{meta.example_spec[odd[0]]['unsupported']} (tensors, numbers, strings, None only)"
+            f"save() records the example inputs to re-trace the model; input {name!r} holds a "
+            f"{kind} (tensors, numbers, strings, None, and dicts / lists / tuples of them only)"
         )
     return {
         "example_spec": meta.example_spec,
@@ -72,6 +74,14 @@ def saved_settings(prepared: fx.GraphModule) -> dict:
         "stages_run": list(meta.stages_run),
         "layers": {str(n.target): layer_record(n) for n in quantized_layer_nodes(prepared)},
     }
+
+
+def _unsupported(spec: dict) -> str | None:
+    """The type name of an input (or entry) the example spec could not describe, if any."""
+    if "unsupported" in spec:
+        return spec["unsupported"]
+    children = list(spec.get("dict", {}).values()) + spec.get("list", []) + spec.get("tuple", [])
+    return next((u for u in map(_unsupported, children) if u is not None), None)
 
 
 def grow_tables(prepared: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:

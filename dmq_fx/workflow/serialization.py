@@ -156,13 +156,21 @@ def unpack_nibbles(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
 
 
 def _example_inputs(spec: dict) -> dict[str, Any]:
-    out = {}
-    for name, entry in spec.items():
-        if "shape" in entry:
-            out[name] = torch.zeros(entry["shape"], dtype=getattr(torch, entry["dtype"]))
-        else:
-            out[name] = entry["value"]
-    return out
+    return {name: _example_value(entry) for name, entry in spec.items()}
+
+
+def _example_value(entry: dict) -> Any:
+    """An input like the recorded one (``trace``'s example spec): zeros of the recorded shape
+    and dtype, containers rebuilt."""
+    if "shape" in entry:
+        return torch.zeros(entry["shape"], dtype=getattr(torch, entry["dtype"]))
+    if "dict" in entry:
+        return {k: _example_value(v) for k, v in entry["dict"].items()}
+    if "list" in entry:
+        return [_example_value(v) for v in entry["list"]]
+    if "tuple" in entry:
+        return tuple(_example_value(v) for v in entry["tuple"])
+    return entry["value"]
 
 
 def _read(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
