@@ -92,3 +92,11 @@ def test_tdac_selects_from_a_recorded_sdxl_pool(tmp_path):
         pipe, config, calibration={"prompts": prompts, **extra}, progress=False
     )
     assert isinstance(q.unet, dmq_fx.QuantizedUNet)
+
+
+def test_the_sampler_collector_names_the_pipeline_recorder_for_sdxl():
+    from dmq_fx.graph.unet_configs import TINY_SDXL, build_unet
+    from dmq_fx.workflow.calibration_data import collect_calibration_data
+
+    with pytest.raises(dmq_fx.CalibrationError, match="record_pipeline_inputs"):
+        collect_calibration_data(build_unet(TINY_SDXL), samples_per_step=2, progress=False)

@@ -296,6 +296,18 @@ def collect_calibration_data(
             of trajectories provides every step (cheaper, correlated across steps).
         seed: everything random derives from it.
     """
+    config = getattr(unet, "config", None)
+    built_by_pipeline = [
+        name
+        for name in ("addition_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type")
+        if getattr(config, name, None) is not None
+    ]
+    if built_by_pipeline:
+        raise CalibrationError(
+            f"this UNet takes inputs its pipeline builds ({', '.join(built_by_pipeline)}: SDXL "
+            "time ids, LCM guidance embeddings, image embeddings); record them from the "
+            "pipeline's own call: dmq_fx.calibration.record_pipeline_inputs(pipe, prompts)"
+        )
     if samples_per_step < 1 or num_inference_steps < 1:
         raise ConfigError("samples_per_step and num_inference_steps must be at least 1")
     guided = guidance_scale > 1.0
