@@ -49,6 +49,20 @@ def tiny_unet(request):
 LOWERED_MIN_SQNR_DB = 25.0
 
 
+#: the learned stages at a test budget (lowering and exactness do not depend on how long they
+#: learned)
+CHEAP_STAGES = {
+    "learn_les": dmq_fx.LearnLES(iterations=8, max_samples=8),
+    "adaround": dmq_fx.AdaRound(iterations=8, max_samples=8),
+    "fbr": dmq_fx.FBR(iterations=8, max_samples=8),
+}
+
+
+def cheap_stages(preset: str) -> list:
+    """``preset``'s stages with the learned ones at the test budget."""
+    return [CHEAP_STAGES.get(name, name) for name in dmq_fx.PRESETS[preset].stages]
+
+
 def calibration_data(model, n=3, batch=4):
     return [example_inputs(model, batch=batch, seed=100 + s) for s in range(n)]
 

@@ -17,24 +17,7 @@ from dmq_fx.passes import LESScale
 from torch import fx
 
 from dmq_fx.graph.meta import ANNOTATION_KEY
-from dmq_fx.lowering.quantized_modules import (
-    QuantizedLayer,
-    quantize_uint8,
-    quantize_uint8_per_channel,
-)
-
-_qd = torch.ops.quantized_decomposed
-#: the ops a lowering puts between a float tensor and a QuantizedLayer
-QDQ_OPS = {
-    quantize_uint8,
-    quantize_uint8_per_channel,
-    _qd.quantize_per_tensor.default,
-    _qd.quantize_per_tensor.tensor,
-    _qd.dequantize_per_tensor.default,
-    _qd.dequantize_per_tensor.tensor,
-    _qd.quantize_per_channel.default,
-    _qd.dequantize_per_channel.default,
-}
+from dmq_fx.lowering.quantized_modules import QDQ_OPS, QuantizedLayer
 
 
 def node_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict[fx.Node, Any]:

@@ -7,7 +7,7 @@ import functools
 
 import pytest
 import torch
-from conftest import calibration_data
+from conftest import calibration_data, cheap_stages
 from layer_values import (
     lowered_layer_outputs,
     node_values,
@@ -21,12 +21,6 @@ from dmq_fx.graph.meta import quantized_layer_nodes
 from dmq_fx.graph.unet_configs import TINY_SD, build_unet, example_inputs
 from dmq_fx.lowering.quantized_modules import QuantizedLayer
 from dmq_fx.metrics import sqnr_db
-
-CHEAP = {
-    "learn_les": dmq_fx.LearnLES(iterations=5, max_samples=8),
-    "adaround": dmq_fx.AdaRound(iterations=5, max_samples=8),
-    "fbr": dmq_fx.FBR(iterations=5, max_samples=8),
-}
 
 
 def _cast(batch, dtype):
@@ -44,7 +38,7 @@ def _graphs(preset, dtype):
         model, dmq_fx.get_default_qconfig_mapping(4, 8), a, k, **spec.prepare_flags
     )
     data = [_cast(b, dtype) for b in calibration_data(float32)]
-    dmq_fx.calibrate(prepared, data, [CHEAP.get(s, s) for s in spec.stages], progress=False)
+    dmq_fx.calibrate(prepared, data, cheap_stages(preset), progress=False)
     lowered = {b: dmq_fx.convert_fx(prepared, b) for b in ("reference", "x86")}
     return float32, model, prepared, lowered
 

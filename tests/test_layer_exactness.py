@@ -11,7 +11,7 @@ import functools
 
 import pytest
 import torch
-from conftest import calibration_data
+from conftest import calibration_data, cheap_stages
 from layer_values import (
     folded_norm_outputs,
     layer_nodes,
@@ -26,12 +26,6 @@ import dmq_fx
 from dmq_fx.graph.meta import ANNOTATION_KEY, quantized_layer_nodes
 from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
 
-#: the learned stages at a test budget (the lowering does not depend on how long they learned)
-CHEAP_STAGES = {
-    "learn_les": dmq_fx.LearnLES(iterations=8, max_samples=8),
-    "adaround": dmq_fx.AdaRound(iterations=8, max_samples=8),
-    "fbr": dmq_fx.FBR(iterations=8, max_samples=8),
-}
 GRID = [100, 500, 900]
 
 
@@ -58,8 +52,7 @@ def graphs(preset: str, wb: int, ab: int, tables: bool = False):
         timestep_tables=tables,
         **spec.prepare_flags,
     )
-    stages = [CHEAP_STAGES.get(name, name) for name in spec.stages]
-    dmq_fx.calibrate(prepared, data, stages, progress=False)
+    dmq_fx.calibrate(prepared, data, cheap_stages(preset), progress=False)
     return model, prepared, dmq_fx.convert_fx(prepared, "reference"), dmq_fx.convert_fx(prepared)
 
 

@@ -1,11 +1,9 @@
-import json
-
 import numpy as np
 import pytest
+import tiny_pipelines
 import torch
 from conftest import assert_unchanged, state_snapshot
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMPipeline, StableDiffusionPipeline
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import DDIMScheduler, DDPMPipeline, StableDiffusionPipeline
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet
@@ -64,47 +62,8 @@ def test_ddpm_pipeline_with_a_compiled_unet_generates_the_eager_images():
 
 
 def _tiny_stable_diffusion(tmp_path):
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(
-        str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=8
-    )
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=TINY_SD["cross_attention_dim"],
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=8,
-            bos_token_id=0,
-            eos_token_id=1,
-        )
-    ).eval()
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",),
-        block_out_channels=(8,),
-        latent_channels=TINY_SD["in_channels"],
-        norm_num_groups=4,
-        sample_size=16,
-    ).eval()
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=build_unet(TINY_SD),
-        scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return tiny_pipelines._sd(
+        tmp_path, build_unet(TINY_SD), DDIMScheduler(steps_offset=1, clip_sample=False)
     )
 
 

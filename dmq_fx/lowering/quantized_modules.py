@@ -25,6 +25,7 @@ from dmq_fx.errors import TimestepOutOfGridError
 from dmq_fx.observers import nearest_grid_index
 
 __all__ = [
+    "QDQ_OPS",
     "QuantizedLayer",
     "cpu_has_int8_dot_product",
     "int16_pair_bound",
@@ -70,6 +71,26 @@ def quantize_uint8_per_channel(
         .clamp_(quant_min, quant_max)
         .to(torch.uint8)
     )
+
+
+def _qdq_ops() -> frozenset:
+    qd = torch.ops.quantized_decomposed
+    return frozenset(
+        {
+            quantize_uint8,
+            quantize_uint8_per_channel,
+            qd.quantize_per_tensor.default,
+            qd.quantize_per_tensor.tensor,
+            qd.dequantize_per_tensor.default,
+            qd.dequantize_per_tensor.tensor,
+            qd.quantize_per_channel.default,
+            qd.dequantize_per_channel.default,
+        }
+    )
+
+
+#: the ops ``convert_fx`` puts between a float tensor and a :class:`QuantizedLayer`
+QDQ_OPS = _qdq_ops()
 
 
 def select_timestep_entry(timestep, grid: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -26,11 +26,7 @@ from torch import fx
 
 from dmq_fx.errors import ConfigError, LoadError
 from dmq_fx.graph.meta import ANNOTATION_KEY, graph_state
-from dmq_fx.lowering.quantized_modules import (
-    QuantizedLayer,
-    quantize_uint8,
-    quantize_uint8_per_channel,
-)
+from dmq_fx.lowering.quantized_modules import QDQ_OPS, QuantizedLayer
 from dmq_fx.passes import les_scale_name
 
 __all__ = [
@@ -43,18 +39,6 @@ __all__ = [
     "set_lora_scale",
 ]
 
-_qd = torch.ops.quantized_decomposed
-#: the ops a lowering puts between a float tensor and a QuantizedLayer
-_QDQ_OPS = {
-    quantize_uint8,
-    quantize_uint8_per_channel,
-    _qd.quantize_per_tensor.default,
-    _qd.quantize_per_tensor.tensor,
-    _qd.dequantize_per_tensor.default,
-    _qd.dequantize_per_tensor.tensor,
-    _qd.quantize_per_channel.default,
-    _qd.dequantize_per_channel.default,
-}
 _SUFFIX = "_lora"
 
 
@@ -184,7 +168,7 @@ def _float_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     """The float tensors a layer's input groups were quantized from (or its float input)."""
     sources = []
     for arg in node.args:
-        while arg.op == "call_function" and arg.target in _QDQ_OPS:
+        while arg.op == "call_function" and arg.target in QDQ_OPS:
             arg = arg.args[0]
         sources.append(arg)
     return sources
