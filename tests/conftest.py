@@ -43,9 +43,9 @@ def tiny_unet(request):
 #: End to end, a lowered graph agrees with its simulation (and x86 with reference) to at least
 #: this SQNR in dB. Per layer they agree within 1% of an output step on identical inputs
 #: (test_layer_exactness, test_convert); end to end, float rounding flips a rare integer at a
-#: .5 tie and random-weight UNets amplify it downstream (33 to 130 dB measured on the tiny UNets
-#: at W8A8 / W4A8 / W4A6), so the bound is absolute rather than a share of the quantization
-#: error, which at W8A8 is itself only about 30 dB.
+#: .5 tie and random-weight UNets amplify it downstream (benchmarks/lowering_agreement.py prints
+#: the figures), so the bound is absolute rather than a share of the quantization error, which
+#: at W8A8 is itself only about 30 dB on these UNets.
 LOWERED_MIN_SQNR_DB = 25.0
 
 

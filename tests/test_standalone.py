@@ -75,7 +75,7 @@ def test_standalone_needs_a_converted_graph_and_plain_files_need_the_model(tmp_p
 
 
 def test_nibble_packing_round_trips():
-    from dmq_fx.workflow.serialization import pack_nibbles, unpack_nibbles
+    from dmq_fx.quantize.bitpacking import pack_nibbles, unpack_nibbles
 
     values = torch.randint(0, 16, (5, 3, 3, 3), generator=torch.Generator().manual_seed(0))
     values = values.to(torch.uint8)

@@ -483,8 +483,9 @@ _METADATA_ATTRIBUTES = ("dtype", "device")
 
 
 def _redirect_weight_metadata_reads(gm: fx.GraphModule, layers: set[str]) -> None:
-    """Point reads of a replaced layer's float ``weight`` / ``bias`` at an empty buffer of the
-    same dtype and device (``x.to(self.proj.weight.dtype)`` in diffusers' image projection).
+    """Point reads of a replaced layer's float ``weight`` / ``bias`` at an empty float32 buffer
+    (the dtype a quantized layer computes in, half-precision models included) on its device
+    (``x.to(self.proj.weight.dtype)`` in diffusers' image projection).
 
     Matches ``get_attr`` nodes ``<layer>.weight`` / ``<layer>.bias`` of quantized layers; only
     ``.dtype`` / ``.device`` reads are allowed: a graph that computes with the float weight of
@@ -495,13 +496,11 @@ def _redirect_weight_metadata_reads(gm: fx.GraphModule, layers: set[str]) -> Non
         owner, _, attr = node.target.rpartition(".")
         if owner not in layers or attr not in ("weight", "bias"):
             continue
-        readers = [u for u in node.users if not (u.op == "call_function" and u.target is getattr)]
-        readers += [
+        readers = [
             u
             for u in node.users
-            if u.op == "call_function"
-            and u.target is getattr
-            and u.args[1] not in _METADATA_ATTRIBUTES
+            if not (u.op == "call_function" and u.target is getattr)
+            or u.args[1] not in _METADATA_ATTRIBUTES
         ]
         if readers:
             raise ConvertError(

@@ -1,4 +1,4 @@
-"""0 / 1 tensors stored eight to a byte.
+"""0 / 1 tensors stored eight to a byte, 4-bit integers two to a byte.
 
 A learned rounding (AdaRound, FBR) is one bit per weight; kept as uint8 it is a quarter of the
 float model's size again, held from the stage that learns it to ``convert_fx`` (on SD 1.5,
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack_bits", "unpack_bits"]
+__all__ = ["pack_bits", "pack_nibbles", "unpack_bits", "unpack_nibbles"]
 
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 
@@ -43,3 +43,18 @@ def unpack_bits(packed: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
         )
     bits = (packed.unsqueeze(1) >> _SHIFTS.to(packed.device)) & 1
     return bits.reshape(-1)[: shape.numel()].reshape(shape)
+
+
+def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """uint8 values 0..15, flattened, two to a byte (element ``2i`` in the low nibble)."""
+    flat = values.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    pairs = flat.view(-1, 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The uint8 tensor of ``shape`` that :func:`pack_nibbles` packed."""
+    flat = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)
+    return flat[: torch.Size(shape).numel()].reshape(shape)

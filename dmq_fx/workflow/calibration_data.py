@@ -180,8 +180,9 @@ def record_pipeline_inputs(
     records: list[dict[str, Any]] = []
     bar = tqdm(desc="record UNet inputs", unit="call", disable=not progress)
 
+    names = list(inspect.signature(unet.forward).parameters)
+
     def hook(module, args, kwargs):
-        names = list(inspect.signature(module.forward).parameters)
         bound = dict(zip(names, args), **kwargs)
         sample = bound.pop("sample")
         rows = sample.shape[0]

@@ -27,6 +27,7 @@ from torch import fx
 from dmq_fx.errors import ConfigError, LoadError
 from dmq_fx.graph.meta import ANNOTATION_KEY, graph_state
 from dmq_fx.lowering.quantized_modules import QDQ_OPS, QuantizedLayer
+from dmq_fx.metrics import sqnr_db
 from dmq_fx.passes import les_scale_name
 
 __all__ = [
@@ -105,12 +106,9 @@ def _module_key(name: str) -> str:
     return _PROCESSOR.sub(lambda m: f".{m[1]}{'.0' if m[1] == 'to_out' else ''}.lora.", name)
 
 
-def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a ``.safetensors`` LoRA file (LoadError if unreadable)."""
-    return _read(Path(path))
-
-
-def _read(lora: Mapping[str, torch.Tensor] | str | Path) -> dict[str, torch.Tensor]:
+def read_lora_file(lora: Mapping[str, torch.Tensor] | str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA state dict, or of a ``.safetensors`` file (LoadError if
+    unreadable)."""
     if isinstance(lora, (str, Path)):
         from safetensors.torch import load_file
 
@@ -130,7 +128,7 @@ def lora_weights(
     (``<module>.lora_A.weight``, what ``get_peft_model_state_dict`` returns), diffusers'
     ``save_lora_weights`` files (``unet.`` prefix) and its older ``lora.down`` / ``lora.up``
     naming; kohya files (``lora_unet_...``) go through diffusers' own converter first."""
-    state = _read(lora)
+    state = read_lora_file(lora)
     if any(k.startswith("lora_unet_") for k in state):
         from diffusers import StableDiffusionPipeline
 
@@ -174,12 +172,6 @@ def _float_inputs(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     return sources
 
 
-def _tau_of_folded_norm(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    """``tau`` of a layer whose LES division went into the norm before it (``les:norm``): its
-    input is ``x / tau`` then."""
-    return _les_tau(gm, node, ("norm",))
-
-
 def _les_tau(gm: fx.GraphModule, node: fx.Node, forms=("norm", "step")) -> torch.Tensor | None:
     """``tau`` of a layer lowered with LES in one of ``forms`` (its integer weights are those
     of ``W diag(tau)``), else None."""
@@ -221,8 +213,7 @@ def _check_converted(gm: fx.GraphModule) -> None:
 
 def _shapes(layer: torch.nn.Module, name: str, down: torch.Tensor, up: torch.Tensor) -> None:
     if isinstance(layer, QuantizedLayer):
-        w = layer.weight_int_0
-        out_ch = w.shape[0]
+        out_ch = layer.weight_int_0.shape[0]
         in_ch = sum(getattr(layer, f"weight_int_{g}").shape[1] for g in range(layer.num_groups))
     else:
         out_ch, in_ch = layer.weight.shape[0], layer.weight.shape[1]
@@ -276,8 +267,8 @@ def load_lora(
     for name, (down, up, alpha) in weights.items():
         node = layers[name]
         branches = _branches(quantized, node)
-        tau = _tau_of_folded_norm(quantized, node)
-        if tau is not None:  # the input is x / tau: A x = (A diag(tau)) (x / tau)
+        tau = _les_tau(quantized, node, forms=("norm",))
+        if tau is not None:  # LES in the norm: the input is x / tau, A x = (A diag(tau)) (x / tau)
             down = down * tau.view(1, -1, *([1] * (down.dim() - 2)))
         rank = down.shape[0]
         alpha = alpha or lora_alpha or rank
@@ -317,7 +308,7 @@ def _fuse(quantized, weights, layers, adapter_name, scale, lora_alpha) -> fx.Gra
             shape = (-1,) + (1,) * (w_int.dim() - 1)
             steps = getattr(layer, f"weight_scale_{g}").view(shape)
             zero_points = getattr(layer, f"weight_zero_point_{g}").view(shape)
-            merged = (w_int.int() - zero_points) * steps + part
+            merged = layer.dequantized_weight(g) + part
             fused = torch.round(merged / steps) + zero_points
             fused = fused.clamp(layer.weight_quant_min, layer.weight_quant_max).to(w_int.dtype)
             originals.append(w_int.clone())
@@ -326,10 +317,7 @@ def _fuse(quantized, weights, layers, adapter_name, scale, lora_alpha) -> fx.Gra
         layer._packed = None  # repack the new integers
         got = torch.cat([c.flatten() for c, _ in changes])
         want = torch.cat([p.flatten() for _, p in changes])
-        noise = (got - want).pow(2).sum()
-        record["sqnr_db"][name] = float(
-            10 * torch.log10(want.pow(2).sum() / noise.clamp_min(1e-30))
-        )
+        record["sqnr_db"][name] = sqnr_db(want, got)
         record["fused"][name] = originals
     quantized.meta.setdefault("dmq_fx_lora", {})[adapter_name] = record
     return quantized
@@ -406,7 +394,7 @@ def set_adapters(
     names = [names] if isinstance(names, str) else list(names)
     _require(quantized, names)
     off = [n for n in quantized.meta.get("dmq_fx_lora", {}) if n not in names]
-    _check_unfused(quantized, off + ([n for n in names] if weights is not None else []), "switch")
+    _check_unfused(quantized, off + (names if weights is not None else []), "switch")
     if weights is not None:
         if len(weights) != len(names):
             raise ConfigError(f"{len(names)} adapters but {len(weights)} weights")

@@ -151,18 +151,9 @@ class QuantizedUNet(ModelMixin):
         """What ``pipe.load_lora_weights`` calls: the UNet's keys (``prefix.``) of the LoRA as
         float branches (:func:`dmq_fx.load_lora`); alphas from ``network_alphas`` or the
         adapter ``metadata``'s ``lora_alpha``."""
-        state = pretrained_model_name_or_path_or_dict
-        if not isinstance(state, Mapping):
-            state = read_lora_file(state)
-        if prefix and any(k.startswith(f"{prefix}.") for k in state):
-            state = {
-                k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(f"{prefix}.")
-            }
-        alphas = {
-            f"{k.removeprefix(f'{prefix}.')}": torch.tensor(float(v))
-            for k, v in (network_alphas or {}).items()
-            if not prefix or k.startswith(f"{prefix}.") or "." not in k
-        }
+        state = _under_prefix(read_lora_file(pretrained_model_name_or_path_or_dict), prefix)
+        alphas = _under_prefix(network_alphas or {}, prefix)
+        alphas = {k: torch.tensor(float(v)) for k, v in alphas.items()}
         name = adapter_name or f"default_{len(self.peft_config)}"
         lora_alpha = (metadata or {}).get("lora_alpha")
         load_lora(self.graph, {**state, **alphas}, name, lora_alpha=lora_alpha)
@@ -227,6 +218,15 @@ def _prompt_embeddings(pipe: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
     if guidance > 1.0:
         out["negative_prompt_embeds"] = uncond[:1]
     return out
+
+
+def _under_prefix(entries: Mapping[str, Any], prefix: str | None) -> dict[str, Any]:
+    """The entries under ``prefix.`` with it stripped; all of them if none has it (keys may be
+    indexed into the UNet directly, as diffusers allows)."""
+    head = f"{prefix}." if prefix else ""
+    if not head or not any(k.startswith(head) for k in entries):
+        return dict(entries)
+    return {k[len(head) :]: v for k, v in entries.items() if k.startswith(head)}
 
 
 def _calls_the_pipeline(pipe: Any, options: Mapping[str, Any]) -> bool:

@@ -30,6 +30,7 @@ from dmq_fx.lowering.convert import convert_fx
 from dmq_fx.lowering.quantized_modules import QuantizedLayer
 from dmq_fx.passes import ScaleWeightInputChannels, input_quantizer_name
 from dmq_fx.passes.insert_les_scales import tau_per_weight
+from dmq_fx.quantize.bitpacking import pack_nibbles, unpack_nibbles
 from dmq_fx.quantize.modes import set_quantizer_mode
 from dmq_fx.quantize.prepare import prepare_fx
 from dmq_fx.quantize.qconfig import get_default_qconfig
@@ -138,21 +139,6 @@ def _lowered_tensors(graph: fx.GraphModule) -> tuple[dict[str, torch.Tensor], di
         else:
             out[key] = value
     return out, packed
-
-
-def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
-    """uint8 values 0..15, flattened, two to a byte (element ``2i`` in the low nibble)."""
-    flat = values.reshape(-1)
-    if flat.numel() % 2:
-        flat = torch.cat([flat, flat.new_zeros(1)])
-    pairs = flat.view(-1, 2)
-    return pairs[:, 0] | (pairs[:, 1] << 4)
-
-
-def unpack_nibbles(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    """The uint8 tensor of ``shape`` that :func:`pack_nibbles` packed."""
-    flat = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)
-    return flat[: torch.Size(shape).numel()].reshape(shape)
 
 
 def _example_inputs(spec: dict) -> dict[str, Any]:
