@@ -34,6 +34,7 @@ from dmq_fx.version import __version__  # noqa: F401  (dmq_fx.__version__)
 from dmq_fx.workflow import calibration_data as calibration
 from dmq_fx.workflow.calibrate import calibrate
 from dmq_fx.workflow.lora import load_lora, remove_lora, set_adapters, set_lora_scale
+from dmq_fx.workflow.onnx_export import export_onnx
 from dmq_fx.workflow.pipeline import QuantizationConfig, QuantizedUNet, quantize_pipeline
 from dmq_fx.workflow.report import QuantReport, report
 from dmq_fx.workflow.serialization import load, save
@@ -83,6 +84,7 @@ __all__ = [
     "pts",
     "compile",
     "convert_fx",
+    "export_onnx",
     "get_default_qconfig",
     "get_default_qconfig_mapping",
     "prepare_fx",

@@ -40,6 +40,7 @@ from dmq_fx.quantize.state import learned_state, saved_settings
 __all__ = [
     "BACKENDS",
     "LoweredLayer",
+    "add_constant",
     "convert_fx",
     "integer_weights",
     "lower_plain",
@@ -80,7 +81,9 @@ def _is_les(gm: fx.GraphModule, node) -> bool:
     )
 
 
-def _add_constant(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
+def add_constant(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
+    """Register ``value`` as buffer ``name`` (a dotted path under an existing submodule) and
+    return a ``get_attr`` node reading it."""
     parent, _, leaf = name.rpartition(".")
     gm.get_submodule(parent).register_buffer(leaf, value)
     return gm.graph.get_attr(name)
@@ -136,15 +139,15 @@ def _quantize_node(
         offset = x.args[1] if len(x.args) > 1 else 0
         steps = own_steps * les.tau.detach().float()[offset : offset + channels]
     if form == "int8":  # the same integers as quantize_per_channel, in three passes
-        inv_steps = _add_constant(gm, f"{layer_node.target}_input_inv_steps{suffix}", 1.0 / steps)
+        inv_steps = add_constant(gm, f"{layer_node.target}_input_inv_steps{suffix}", 1.0 / steps)
         return graph.create_node(
             "call_function",
             quantize_uint8_per_channel,
             (x0, inv_steps, int(z), axis, amin, amax),
             name=name,
         ), None
-    step_node = _add_constant(gm, f"{layer_node.target}_input_steps{suffix}", steps)
-    zp_node = _add_constant(
+    step_node = add_constant(gm, f"{layer_node.target}_input_steps{suffix}", steps)
+    zp_node = add_constant(
         gm,
         f"{layer_node.target}_input_zero_points{suffix}",
         torch.full((channels,), int(z), dtype=torch.int32),
@@ -157,12 +160,12 @@ def _quantize_node(
     )
     own_node = step_node
     if les is not None:
-        own_node = _add_constant(gm, f"{layer_node.target}_input_int_steps{suffix}", own_steps)
+        own_node = add_constant(gm, f"{layer_node.target}_input_int_steps{suffix}", own_steps)
     return q, (own_node, zp_node, axis)
 
 
 def _select(gm, t_node: fx.Node, grid_node: fx.Node, table: torch.Tensor, name: str) -> fx.Node:
-    table_node = _add_constant(gm, f"{name}_table", table)
+    table_node = add_constant(gm, f"{name}_table", table)
     return gm.graph.call_function(select_timestep_entry, (t_node, grid_node, table_node))
 
 
@@ -181,7 +184,7 @@ def _table_quantize_dequantize(gm, x: fx.Node, t_node: fx.Node, table, layer_nod
     zps = torch.tensor([int(e.zero_point) for e in entries], dtype=torch.int32)
     les = gm.get_submodule(x.target) if _is_les(gm, x) else None
     pts = isinstance(entries[0], PowerOfTwoFakeQuantize)
-    grid = _add_constant(gm, f"{base}_grid", table.grid.clone())
+    grid = add_constant(gm, f"{base}_grid", table.grid.clone())
     if les is None and not pts:
         s = _select(gm, t_node, grid, scales, f"{base}_scales")
         z = _select(gm, t_node, grid, zps, f"{base}_zero_points")

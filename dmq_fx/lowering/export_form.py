@@ -1,0 +1,146 @@
+"""The export form of a converted graph: every quantized layer as quantize / dequantize / float op.
+
+``convert_fx`` lowers a layer either to onednn int8 kernels (``form="int8"``: the input is
+quantized to uint8 by :func:`quantize_uint8`, the weights are packed for onednn) or to the
+reference form (``quantized_decomposed`` quantize / dequantize nodes before a
+:class:`QuantizedLayer` whose weight is dequantized with plain arithmetic). Neither is what an
+exporter can hand to another engine: onednn calls have no ONNX counterpart, and the arithmetic
+on the integer weights is folded into a float constant by ONNX optimizers. :func:`export_form`
+rewrites a copy of the graph so that every quantized layer reads
+
+    x ── quantize_per_tensor / _per_channel ── dequantize_per_tensor ──┐
+    W_int ── dequantize_per_channel(axis 0) ─────────────────────────── conv2d / linear (+ bias)
+
+the pattern engines (onnxruntime, OpenVINO, TensorRT) recognise as a quantized layer. It matches
+``call_module`` nodes of :class:`QuantizedLayer` and, for the int8 form, the
+``quantize_uint8`` / ``quantize_uint8_per_channel`` nodes feeding them; it rewrites them into
+``quantized_decomposed`` calls and ``F.conv2d`` / ``F.linear``, reading the layer's integer
+weights, steps and zero points as ``get_attr`` nodes. The integers are unchanged; an int8
+layer's per-channel quantize (LES merged into the step) gets steps ``1 / inv_steps`` back, which
+can move a value lying within float rounding of a .5 tie by one integer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from dmq_fx.errors import ConvertError
+from dmq_fx.graph.meta import graph_state
+from dmq_fx.lowering.convert import add_constant
+from dmq_fx.lowering.quantized_modules import (
+    QuantizedLayer,
+    quantize_uint8,
+    quantize_uint8_per_channel,
+)
+
+__all__ = ["export_form"]
+
+_qd = torch.ops.quantized_decomposed
+
+
+def export_form(quantized: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``quantized`` (a :func:`dmq_fx.convert_fx` result, not modified) with every
+    :class:`QuantizedLayer` written out as quantize / dequantize / float conv or linear nodes."""
+    record = graph_state(quantized)
+    if record is None or record.state != "converted":
+        state = record.state if record is not None else type(quantized).__name__
+        raise ConvertError(f"expected the graph returned by dmq_fx.convert_fx, got {state!r}")
+    gm = copy.deepcopy(quantized)
+    gm.meta = copy.deepcopy(quantized.meta)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), QuantizedLayer):
+            _write_out(gm, node)
+    gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _write_out(gm: fx.GraphModule, node: fx.Node) -> None:
+    layer: QuantizedLayer = gm.get_submodule(node.target)
+    graph = gm.graph
+    with graph.inserting_before(node):
+        inputs = list(node.args)
+        if layer.form == "int8":
+            inputs = [_reference_input(gm, layer, x, g) for g, x in enumerate(inputs)]
+        out = None
+        for g, x in enumerate(inputs):
+            y = _layer_op(gm, node, layer, g, x)
+            out = y if out is None else graph.call_function(torch.add, (out, y))
+    out.meta = dict(node.meta)
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
+def _layer_op(
+    gm: fx.GraphModule, node: fx.Node, layer: QuantizedLayer, g: int, x: fx.Node
+) -> fx.Node:
+    """Input group ``g``'s float op on its dequantized integer weight. A linear layer reads its
+    weight transposed, ``x @ dequantize(W_int^T, axis 1) + b``, so that the dequantize feeds the
+    matmul directly (``F.linear`` exports as a transpose between them, which hides the pattern)."""
+    graph = gm.graph
+    w_int = getattr(layer, f"weight_int_{g}")
+    qparams = (0, layer.weight_quant_min, layer.weight_quant_max, w_int.dtype)
+    scale = graph.get_attr(f"{node.target}.weight_scale_{g}")
+    zero_point = graph.get_attr(f"{node.target}.weight_zero_point_{g}")
+    bias = graph.get_attr(f"{node.target}.bias") if g == 0 and layer.bias is not None else None
+    if layer.is_conv:
+        weight = graph.call_function(
+            _qd.dequantize_per_channel.default,
+            (graph.get_attr(f"{node.target}.weight_int_{g}"), scale, zero_point, *qparams),
+        )
+        conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        return graph.call_function(F.conv2d, (x, weight, bias, *conv_args))
+    transposed = add_constant(gm, f"{node.target}.weight_int_{g}_t", w_int.t().contiguous())
+    weight = graph.call_function(
+        _qd.dequantize_per_channel.default, (transposed, scale, zero_point, 1, *qparams[1:])
+    )
+    y = graph.call_function(torch.matmul, (x, weight))
+    return y if bias is None else graph.call_function(torch.add, (y, bias))
+
+
+def _reference_input(gm: fx.GraphModule, layer: QuantizedLayer, q: fx.Node, g: int) -> fx.Node:
+    """The quantize / dequantize pair standing for an int8 layer's uint8 input ``q``."""
+    graph = gm.graph
+    s, z, amin, amax = layer.act_qparams[g][:4]
+    if q.op == "call_function" and q.target is quantize_uint8:
+        x, qs, qz, qmin, qmax = q.args
+        quantized = graph.call_function(
+            _qd.quantize_per_tensor.default, (x, qs, qz, qmin, qmax, torch.uint8)
+        )
+    elif q.op == "call_function" and q.target is quantize_uint8_per_channel:
+        x, inv_steps, qz, axis, qmin, qmax = q.args
+        steps = 1.0 / _constant(gm, inv_steps)
+        zero_points = torch.full_like(steps, int(qz), dtype=torch.int32)
+        quantized = graph.call_function(
+            _qd.quantize_per_channel.default,
+            (
+                x,
+                add_constant(gm, f"{inv_steps.target}_export_steps", steps),
+                add_constant(gm, f"{inv_steps.target}_export_zero_points", zero_points),
+                axis,
+                qmin,
+                qmax,
+                torch.uint8,
+            ),
+        )
+    else:
+        raise ConvertError(
+            f"node '{q.name}' feeds the int8 layer '{layer}' but is not one of convert_fx's "
+            "quantize steps; was the graph edited after convert_fx?"
+        )
+    return graph.call_function(
+        _qd.dequantize_per_tensor.default, (quantized, s, z, amin, amax, torch.uint8)
+    )
+
+
+def _constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    if node.op != "get_attr":
+        raise ConvertError(f"expected a constant (get_attr) at node '{node.name}'")
+    parent, _, leaf = node.target.rpartition(".")
+    return getattr(gm.get_submodule(parent), leaf)
