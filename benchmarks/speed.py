@@ -1,7 +1,7 @@
 """fp32 eager vs lowered int8 graphs on the DDPM-CIFAR10 UNet (random weights).
 
     python benchmarks/speed.py [--bits w8a8 w8a7 w4a8] [--dmq-bits w4a8] [--batches 1 8]
-        [--repeats 15] [--no-torchao] [--pt2e] [--compile] [--sampling]
+        [--repeats 15] [--no-torchao] [--pt2e] [--compile] [--sampling] [--onnx]
 
 Rows: dmq_fx's x86 lowering at each bit setting; the DMQ-structured graph ("dmq_fx les+pts",
 --dmq-bits, default w4a8: LES scales (SmoothQuant's closed form standing in for learned tau: the
@@ -15,7 +15,10 @@ medians are reported. With --compile every dmq_fx graph also gets a "<method>+co
 dmq_fx.compile (torch.compile, fullgraph, inductor with freezing), one compile per batch size
 before the timed rounds (``compile_s``). With --sampling, an end-to-end row: 20-step DDIM
 sampling of the committed fashion28 model at batch 8, fp32 against its W4A8 DMQ-structured graph
-eager and compiled, in images per second. The first line names the CPU's int8 features. The last
+eager and compiled, in images per second. With --onnx, the DMQ-structured graph exported by
+dmq_fx.export_onnx runs on onnxruntime and (if installed) OpenVINO with f32 float parts, in the
+same interleaved loop ("int8_layers": layer input groups on integer kernels after the engine's
+own optimisation, of "layers"). The first line names the CPU's int8 features. The last
 line printed is a JSON list with one object per run: {"config", "batch", "bits", "method",
 "fp32_ms", "quant_ms", "speedup", "int8_layers", "layers", "compile_s"}.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -88,6 +92,36 @@ def pt2e_inductor_graph(model, calib):
     return compiled, layers, layers
 
 
+def onnx_engine_graphs(quant, model, calib, bits: str, threads: int) -> list[tuple]:
+    """The graph exported by dmq_fx.export_onnx (dynamic batch) on onnxruntime's CPU provider and,
+    if installed, OpenVINO's CPU plugin with f32 float parts (``INFERENCE_PRECISION_HINT``). Each
+    row's int8 count is the quantized layers the engine runs on integer kernels after its own
+    graph optimisation (onnx_engines.py prints the kernels)."""
+    import tempfile
+
+    from onnx_engines import onnxruntime_runner, openvino_runner
+
+    folder = tempfile.mkdtemp(prefix="dmq_fx_onnx_")
+    layers = sum(m.num_groups for m in quant.modules() if isinstance(m, QuantizedLayer))
+    rows = []
+    # each engine gets the weight format it runs fastest: onnxruntime the default (packed),
+    # OpenVINO int8 (it decompresses 4-bit weights to float)
+    for name, weights, make in (
+        ("onnxruntime", "packed", onnxruntime_runner),
+        ("openvino f32", "int8", openvino_runner),
+    ):
+        path = f"{folder}/unet-{weights}.onnx"
+        if not os.path.exists(path):
+            dmq_fx.export_onnx(quant, path, *calib[0], weights=weights)
+        try:
+            runner, int8 = make(path, threads)
+        except ImportError as e:
+            print(f"skipping {name}: {e}", flush=True)
+            continue
+        rows.append((f"dmq_fx les+pts onnx {name}", f"{bits} ({weights})", runner, int8, layers))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", nargs="+", default=["w8a8", "w8a7", "w4a8"])
@@ -104,6 +138,11 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="add dmq_fx.compile rows (compiles)")
     ap.add_argument(
         "--sampling", action="store_true", help="add the fashion28 20-step sampling row"
+    )
+    ap.add_argument(
+        "--onnx",
+        action="store_true",
+        help="add onnxruntime and OpenVINO rows on the DMQ-structured graph exported to ONNX",
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -124,11 +163,18 @@ def main() -> None:
         graphs.append(("torchao-fx", "w8a8 (a7 reduce_range)", *torchao_fx_graph(model, calib)))
     if args.pt2e:
         graphs.append(("pt2e+inductor", "w8a8", *pt2e_inductor_graph(model, calib)))
+    if args.onnx:
+        graphs += [
+            row
+            for method, bits, graph, _, _ in list(graphs)
+            if method == "dmq_fx les+pts"
+            for row in onnx_engine_graphs(graph, model, calib, bits, args.threads)
+        ]
     if args.compile:
         graphs += [
             (f"{method}+compile", bits, dmq_fx.compile(graph, dynamic=False), int8, layers)
             for method, bits, graph, int8, layers in graphs
-            if method.startswith("dmq_fx")
+            if method.startswith("dmq_fx") and isinstance(graph, torch.nn.Module)
         ]
     results = []
     for batch in args.batches:

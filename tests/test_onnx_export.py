@@ -113,24 +113,34 @@ def test_dmq_structured_w4a6_graph_runs_on_onnxruntime(tmp_path):
         assert _margin_db(model, reference, path, args, kwargs) >= TINY_MARGIN_DB, batch
 
 
-def test_4bit_storage_changes_no_output(tmp_path):
-    """UINT4 packing is exact: the opset-21 model and the one keeping 8-bit types give equal
-    outputs; the 4-bit one is smaller."""
+def test_weight_formats_change_no_output(tmp_path):
+    """UINT4 packing is exact, and so is the int8 format (W_int - z, zero point 0): the model,
+    the same model with its UINT4 tensors unpacked to UINT8 by onnx's reader, and the int8 one
+    give equal outputs; the 4-bit tensors take half the bytes."""
     model = build_unet(TINY_DDPM)
     data = [example_inputs(model, batch=4, seed=s) for s in range(2)]
     converted = dmq_fx.convert_fx(_calibrated(model, (4, 8), data, dmq_fx.DEFAULT_STAGES), "x86")
     args, kwargs = example_inputs(model, batch=2)
     packed = dmq_fx.export_onnx(converted, tmp_path / "int4.onnx", args, kwargs)
-    wide = dmq_fx.export_onnx(converted, tmp_path / "int8.onnx", args, kwargs, int4_weights=False)
-    wide_inits = {t.name: t for t in onnx.load(str(wide)).graph.initializer}
-    assert TensorProto.UINT4 not in {t.data_type for t in wide_inits.values()}
-    a, k = example_inputs(model, batch=3, seed=9)
-    assert torch.equal(_run(packed, _feeds(a, k)), _run(wide, _feeds(a, k)))
-    # two weights to a byte
-    four = [t for t in onnx.load(str(packed)).graph.initializer if t.data_type == TensorProto.UINT4]
+    centered = dmq_fx.export_onnx(converted, tmp_path / "c.onnx", args, kwargs, weights="int8")
+    proto = onnx.load(str(packed))
+    four = [t for t in proto.graph.initializer if t.data_type == TensorProto.UINT4]
     assert len(four) >= 2 * 10  # the integer weights and their zero points
     for t in four:
-        assert len(t.raw_data) == (len(wide_inits[t.name].raw_data) + 1) // 2, t.name
+        values = numpy_helper.to_array(t).astype(np.uint8)
+        assert values.max() <= 15 and len(t.raw_data) == (values.size + 1) // 2, t.name
+        t.CopyFrom(numpy_helper.from_array(values, t.name))
+    onnx.save(proto, str(tmp_path / "unpacked.onnx"))
+    a, k = example_inputs(model, batch=3, seed=9)
+    out = _run(packed, _feeds(a, k))
+    assert torch.equal(out, _run(tmp_path / "unpacked.onnx", _feeds(a, k)))
+    assert torch.equal(out, _run(centered, _feeds(a, k)))
+    weights, _, inits = _qdq_layout(onnx.load(str(centered)))
+    for dq, _ in weights:
+        assert inits[dq.input[0]].data_type == TensorProto.INT8
+        assert not numpy_helper.to_array(inits[dq.input[2]]).any()
+    with pytest.raises(dmq_fx.ConfigError, match="weights='int4'"):
+        dmq_fx.export_onnx(converted, tmp_path / "x.onnx", args, kwargs, weights="int4")
 
 
 def test_timestep_tables_select_the_calibrated_entry_in_onnx(tmp_path):
@@ -167,8 +177,8 @@ def test_export_refuses_what_it_cannot_export(tmp_path):
     converted = dmq_fx.convert_fx(prepared)
     with pytest.raises(dmq_fx.ConfigError, match="batch of at least 2"):
         dmq_fx.export_onnx(converted, tmp_path / "x.onnx", *example_inputs(model, batch=1))
-    with pytest.raises(dmq_fx.ConfigError, match="opset 12"):
-        dmq_fx.export_onnx(converted, tmp_path / "x.onnx", *data[0], opset=12)
+    with pytest.raises(dmq_fx.ConfigError, match="opset 17"):
+        dmq_fx.export_onnx(converted, tmp_path / "x.onnx", *data[0], opset=17)
     assert not (tmp_path / "x.onnx").exists()
 
 

@@ -42,9 +42,14 @@ __all__ = ["export_form"]
 _qd = torch.ops.quantized_decomposed
 
 
-def export_form(quantized: fx.GraphModule) -> fx.GraphModule:
+def export_form(quantized: fx.GraphModule, centered_weights: bool = False) -> fx.GraphModule:
     """A copy of ``quantized`` (a :func:`dmq_fx.convert_fx` result, not modified) with every
-    :class:`QuantizedLayer` written out as quantize / dequantize / float conv or linear nodes."""
+    :class:`QuantizedLayer` written out as quantize / dequantize / float conv or linear nodes.
+
+    ``centered_weights``: the weights as the int8 kernels multiply them, ``W_int - z`` in int8
+    with zero point 0 (the same values; what engines with symmetric int8 weight kernels, such
+    as OpenVINO's, need), instead of the stored ``W_int`` with its zero points (4-bit weights
+    stay in the 4-bit range 0..15)."""
     record = graph_state(quantized)
     if record is None or record.state != "converted":
         state = record.state if record is not None else type(quantized).__name__
@@ -53,7 +58,10 @@ def export_form(quantized: fx.GraphModule) -> fx.GraphModule:
     gm.meta = copy.deepcopy(quantized.meta)
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(gm.get_submodule(node.target), QuantizedLayer):
-            _write_out(gm, node)
+            _write_out(gm, node, centered_weights)
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is _qd.quantize_per_channel.default:
+            _per_tensor_quantize(gm, node)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
@@ -61,7 +69,7 @@ def export_form(quantized: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def _write_out(gm: fx.GraphModule, node: fx.Node) -> None:
+def _write_out(gm: fx.GraphModule, node: fx.Node, centered_weights: bool) -> None:
     layer: QuantizedLayer = gm.get_submodule(node.target)
     graph = gm.graph
     with graph.inserting_before(node):
@@ -70,7 +78,7 @@ def _write_out(gm: fx.GraphModule, node: fx.Node) -> None:
             inputs = [_reference_input(gm, layer, x, g) for g, x in enumerate(inputs)]
         out = None
         for g, x in enumerate(inputs):
-            y = _layer_op(gm, node, layer, g, x)
+            y = _layer_op(gm, node, layer, g, x, centered_weights)
             out = y if out is None else graph.call_function(torch.add, (out, y))
     out.meta = dict(node.meta)
     node.replace_all_uses_with(out)
@@ -78,27 +86,56 @@ def _write_out(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def _layer_op(
-    gm: fx.GraphModule, node: fx.Node, layer: QuantizedLayer, g: int, x: fx.Node
+    gm: fx.GraphModule,
+    node: fx.Node,
+    layer: QuantizedLayer,
+    g: int,
+    x: fx.Node,
+    centered_weights: bool,
 ) -> fx.Node:
     """Input group ``g``'s float op on its dequantized integer weight. A linear layer reads its
     weight transposed, ``x @ dequantize(W_int^T, axis 1) + b``, so that the dequantize feeds the
     matmul directly (``F.linear`` exports as a transpose between them, which hides the pattern)."""
     graph = gm.graph
-    w_int = getattr(layer, f"weight_int_{g}")
-    qparams = (0, layer.weight_quant_min, layer.weight_quant_max, w_int.dtype)
-    scale = graph.get_attr(f"{node.target}.weight_scale_{g}")
-    zero_point = graph.get_attr(f"{node.target}.weight_zero_point_{g}")
+    prefix = f"{node.target}.weight"
+    if centered_weights:
+        w_int = layer.integer_weight(g)
+        zero_point = add_constant(
+            gm, f"{prefix}_export_zero_point_{g}", torch.zeros(w_int.shape[0], dtype=torch.int32)
+        )
+        qmin, qmax = -128, 127
+    else:
+        w_int = getattr(layer, f"weight_int_{g}")
+        zero_point = graph.get_attr(f"{prefix}_zero_point_{g}")
+        qmin, qmax = layer.weight_quant_min, layer.weight_quant_max
+    scale = graph.get_attr(f"{prefix}_scale_{g}")
     bias = graph.get_attr(f"{node.target}.bias") if g == 0 and layer.bias is not None else None
     if layer.is_conv:
         weight = graph.call_function(
             _qd.dequantize_per_channel.default,
-            (graph.get_attr(f"{node.target}.weight_int_{g}"), scale, zero_point, *qparams),
+            (
+                add_constant(gm, f"{prefix}_export_int_{g}", w_int.clone()),
+                scale,
+                zero_point,
+                0,
+                qmin,
+                qmax,
+                w_int.dtype,
+            ),
         )
         conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
         return graph.call_function(F.conv2d, (x, weight, bias, *conv_args))
-    transposed = add_constant(gm, f"{node.target}.weight_int_{g}_t", w_int.t().contiguous())
     weight = graph.call_function(
-        _qd.dequantize_per_channel.default, (transposed, scale, zero_point, 1, *qparams[1:])
+        _qd.dequantize_per_channel.default,
+        (
+            add_constant(gm, f"{prefix}_export_int_{g}", w_int.t().contiguous()),
+            scale,
+            zero_point,
+            1,
+            qmin,
+            qmax,
+            w_int.dtype,
+        ),
     )
     y = graph.call_function(torch.matmul, (x, weight))
     return y if bias is None else graph.call_function(torch.add, (y, bias))
@@ -114,20 +151,15 @@ def _reference_input(gm: fx.GraphModule, layer: QuantizedLayer, q: fx.Node, g: i
             _qd.quantize_per_tensor.default, (x, qs, qz, qmin, qmax, torch.uint8)
         )
     elif q.op == "call_function" and q.target is quantize_uint8_per_channel:
+        # x * inv_steps quantized at the step s the kernel dequantizes with: x * (s * inv_steps)
+        # quantized at s, a per-tensor pair (see _per_tensor_quantize)
         x, inv_steps, qz, axis, qmin, qmax = q.args
-        steps = 1.0 / _constant(gm, inv_steps)
-        zero_points = torch.full_like(steps, int(qz), dtype=torch.int32)
+        factor = float(s) * _constant(gm, inv_steps).float()
+        scaled = graph.call_function(
+            torch.mul, (x, _broadcast_constant(gm, x, axis, factor, f"{inv_steps.target}_export"))
+        )
         quantized = graph.call_function(
-            _qd.quantize_per_channel.default,
-            (
-                x,
-                add_constant(gm, f"{inv_steps.target}_export_steps", steps),
-                add_constant(gm, f"{inv_steps.target}_export_zero_points", zero_points),
-                axis,
-                qmin,
-                qmax,
-                torch.uint8,
-            ),
+            _qd.quantize_per_tensor.default, (scaled, s, int(qz), qmin, qmax, torch.uint8)
         )
     else:
         raise ConvertError(
@@ -137,6 +169,49 @@ def _reference_input(gm: fx.GraphModule, layer: QuantizedLayer, q: fx.Node, g: i
     return graph.call_function(
         _qd.dequantize_per_tensor.default, (quantized, s, z, amin, amax, torch.uint8)
     )
+
+
+def _per_tensor_quantize(gm: fx.GraphModule, q: fx.Node) -> None:
+    """Rewrite ``quantize_per_channel(x, steps, z)`` read by ``dequantize_per_tensor(., s, z)``
+    (LES merged into the step, PTS shifts) into ``quantize_per_tensor(x * (s / steps), s, z)``.
+
+    The same integers ``round(x / steps_c)`` up to float rounding, with the quantize and the
+    dequantize now a per-tensor pair of equal step: engines fuse that pair into their int8
+    kernels (onnxruntime's QDQ fusion and OpenVINO's FakeQuantize take per-tensor activation
+    steps only; OpenVINO refuses per-channel ones along a linear layer's last axis). Left as is:
+    steps chosen at run time (timestep tables), per-channel zero points, and a per-channel
+    dequantize (``pts:dequant``)."""
+    x, steps_node, zps_node, axis, qmin, qmax, dtype = q.args
+    users = list(q.users)
+    if len(users) != 1 or users[0].target is not _qd.dequantize_per_tensor.default:
+        return
+    if steps_node.op != "get_attr" or zps_node.op != "get_attr":
+        return
+    _, s, z, *_ = users[0].args
+    zero_points = _constant(gm, zps_node)
+    if not bool((zero_points == int(z)).all()):
+        return
+    factor = float(s) / _constant(gm, steps_node).float()
+    graph = gm.graph
+    with graph.inserting_before(q):
+        scaled = graph.call_function(
+            torch.mul, (x, _broadcast_constant(gm, x, axis, factor, f"{steps_node.target}_export"))
+        )
+        per_tensor = graph.call_function(
+            _qd.quantize_per_tensor.default, (scaled, s, int(z), qmin, qmax, dtype)
+        )
+    q.replace_all_uses_with(per_tensor)
+    graph.erase_node(q)
+
+
+def _broadcast_constant(
+    gm: fx.GraphModule, x: fx.Node, axis: int, values: torch.Tensor, name: str
+) -> fx.Node:
+    """``values`` (one per channel along ``axis`` of ``x``) as a constant shaped to broadcast."""
+    rank = len(x.meta["tensor_meta"].shape)
+    shape = [1] * rank
+    shape[axis % rank] = -1
+    return add_constant(gm, name, values.reshape(shape).contiguous())
 
 
 def _constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:

@@ -35,8 +35,12 @@ from dmq_fx.quantize.bitpacking import pack_nibbles
 
 __all__ = ["export_onnx"]
 
+#: the oldest opset torch.onnx's op translations (and dmq_fx's) are written for
+MIN_OPSET = 18
 #: the oldest opset with 4-bit integer types and per-axis QuantizeLinear / DequantizeLinear
 MIN_OPSET_FOR_INT4 = 21
+#: how the integer weights are stored (see export_onnx)
+WEIGHT_FORMATS = ("packed", "int8")
 
 
 def export_onnx(
@@ -47,27 +51,34 @@ def export_onnx(
     *,
     opset: int = 21,
     dynamic_batch: bool = True,
-    int4_weights: bool = True,
+    weights: str = "packed",
 ) -> Path:
     """Write ``quantized`` (a :func:`dmq_fx.convert_fx` result, not modified) to ``path`` as a
     QDQ ONNX model, traced with ``example_args`` / ``example_kwargs`` (as the graph is called).
 
-    ``opset``: 21 or later stores weights of at most 4 bits as ``UINT4`` / ``INT4``; 13 to 20
+    ``opset``: 21 or later stores weights of at most 4 bits as ``UINT4`` / ``INT4``; 18 to 20
     store them in 8-bit types (values unchanged). ``dynamic_batch``: the first dimension of
     every input whose first dimension is the batch size of the first input is dynamic (the
     example needs a batch of at least 2: ``torch.export`` specialises a size of 1).
-    ``int4_weights=False`` keeps 8-bit types at any opset (for engines without 4-bit types).
+    ``weights``: ``"packed"`` stores the integer weights with their zero points, 4-bit ones as
+    ``UINT4`` (opset 21 and later; 8-bit types before); ``"int8"`` stores them as the int8
+    kernels multiply them, ``W_int - z`` with zero point 0 (the same values; OpenVINO runs such
+    layers on int8 kernels, and decompresses 4-bit weights to float instead).
     A Python number among the inputs (the timestep) is exported as a 0-d tensor input.
     Returns the path written.
     """
     import onnx  # optional dependencies: the "onnx" extra
 
-    if opset < 13:
-        raise ConfigError(f"opset {opset}: per-axis QuantizeLinear needs opset 13 or later")
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"export_onnx: weights={weights!r}; expected one of {WEIGHT_FORMATS}")
+    if opset < MIN_OPSET:
+        raise ConfigError(
+            f"export_onnx: opset {opset}; torch.onnx's translations need opset {MIN_OPSET} or later"
+        )
     kwargs = dict(example_kwargs or {})
     args = tuple(_as_tensor(a) for a in example_args)
     kwargs = {k: _as_tensor(v) for k, v in kwargs.items()}
-    graph = export_form(quantized)
+    graph = export_form(quantized, centered_weights=weights == "int8")
     dynamic_shapes = _batch_dynamic_shapes(graph, args, kwargs) if dynamic_batch else None
     path = Path(path)
     with torch.no_grad():
@@ -83,7 +94,7 @@ def export_onnx(
             verbose=False,
         )
     model = program.model_proto
-    if int4_weights and opset >= MIN_OPSET_FOR_INT4:
+    if weights == "packed" and opset >= MIN_OPSET_FOR_INT4:
         _store_4bit_weights(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -143,7 +154,7 @@ def _uint8_range(quant_min: int, quant_max: int, dtype: Any) -> bool:
 
 def _quantize_per_tensor(x, scale, zero_point, quant_min, quant_max, dtype):
     from onnxscript import ir
-    from onnxscript import opset21 as op
+    from onnxscript import opset18 as op
 
     _check_uint8(dtype)
     scale = _float(op, scale, x)
@@ -158,7 +169,7 @@ def _quantize_per_tensor(x, scale, zero_point, quant_min, quant_max, dtype):
 
 def _dequantize_per_tensor(q, scale, zero_point, quant_min, quant_max, dtype, out_dtype=None):
     from onnxscript import ir
-    from onnxscript import opset21 as op
+    from onnxscript import opset18 as op
 
     _check_uint8(dtype)
     scale = op.Cast(_value(op, scale), to=ir.DataType.FLOAT)
@@ -168,7 +179,7 @@ def _dequantize_per_tensor(q, scale, zero_point, quant_min, quant_max, dtype, ou
 
 def _quantize_per_channel(x, scales, zero_points, axis, quant_min, quant_max, dtype):
     from onnxscript import ir
-    from onnxscript import opset21 as op
+    from onnxscript import opset18 as op
 
     _check_uint8(dtype)
     scales = op.CastLike(scales, x)
@@ -190,7 +201,7 @@ def _quantize_per_channel(x, scales, zero_points, axis, quant_min, quant_max, dt
 
 def _select_entry(timestep, grid, table):
     from onnxscript import ir
-    from onnxscript import opset21 as op
+    from onnxscript import opset18 as op
 
     # the first sample's timestep (a lowered call shares one); the nearest calibrated one, ties
     # to the lower (the grid is sorted); outside the grid, the nearest end (no error in ONNX)
