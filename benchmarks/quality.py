@@ -183,10 +183,12 @@ class CalibrationSets:
 
 
 # -- methods: (float unet, bits, calibration sets) -> quantized graph ------------------------------
-def _dmq_fx(preset: str, data: str = "uniform"):
+def _dmq_fx(preset: str, data: str = "uniform", mixed_bits: float | None = None):
     """A dmq_fx preset on the uniform calibration set, a TDAC selection (``data="tdac"``), or
     one with a quarter of the uniform per-step count guaranteed at every step
-    (``"tdac-min"``, for DMQ's per-step stages)."""
+    (``"tdac-min"``, for DMQ's per-step stages). ``mixed_bits``: automatic mixed precision, the
+    most weight-sensitive layers at 8 bits within that average weight width (its rows report
+    the effective bits in "bits")."""
 
     def build(unet, bits, sets: CalibrationSets):
         if data == "uniform":
@@ -196,9 +198,25 @@ def _dmq_fx(preset: str, data: str = "uniform"):
         wb, ab = parse_bits(bits)
         example = next(calib.batches(8, shuffle=False))
         stages = dmq_fx.PRESETS[preset]
+        mapping = dmq_fx.get_default_qconfig_mapping(wb, ab)
+        if mixed_bits is not None and wb < 8:
+            choice = dmq_fx.mixed_precision_mapping(
+                unet,
+                list(calib.batches(32, seed=0))[:2],
+                wb,
+                ab,
+                budget_bits=mixed_bits,
+                progress=False,
+            )
+            mapping = choice.mapping
+            print(
+                f"  mixed precision: {len(choice.eight_bit)} layers at 8-bit weights, "
+                f"{choice.effective_bits:.2f} effective bits",
+                flush=True,
+            )
         prepared = dmq_fx.prepare_fx(
             unet,
-            dmq_fx.get_default_qconfig_mapping(wb, ab),
+            mapping,
             *example,
             **dmq_fx.PREPARE_FLAGS[preset],
         )
@@ -317,6 +335,8 @@ METHODS: dict[str, Callable | None] = {
     "eda-dm": _dmq_fx("eda-dm", data="tdac"),
     "eda-dm-uniform": _dmq_fx("eda-dm"),
     "dmq+eda": _dmq_fx("dmq+eda", data="tdac-min"),
+    "minmax-mp4.5": _dmq_fx("minmax", mixed_bits=4.5),
+    "dmq+eda-mp4.5": _dmq_fx("dmq+eda", data="tdac-min", mixed_bits=4.5),
 }
 
 

@@ -25,6 +25,11 @@ from dmq_fx.methods import adaround, fbr, les, pts
 from dmq_fx.methods.adaround import AdaRound
 from dmq_fx.methods.fbr import FBR
 from dmq_fx.methods.les import LearnLES, SmoothQuantScales
+from dmq_fx.methods.mixed_precision import (
+    MixedPrecision,
+    mixed_precision_mapping,
+    weight_sensitivity,
+)
 from dmq_fx.methods.presets import DEFAULT_STAGES, PREPARE_FLAGS, PRESETS, STAGES, Preset
 from dmq_fx.quantize.modes import quantizer_mode, set_quantizer_mode
 from dmq_fx.quantize.prepare import prepare_fx
@@ -72,6 +77,9 @@ __all__ = [
     "LoadError",
     "ReferenceFormWarning",
     "LearnLES",
+    "MixedPrecision",
+    "mixed_precision_mapping",
+    "weight_sensitivity",
     "SmoothQuantScales",
     "TimestepOutOfGridError",
     "TraceError",
