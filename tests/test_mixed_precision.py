@@ -95,3 +95,16 @@ def test_mixed_precision_lowers_the_output_error():
         with torch.no_grad():
             errors[budget] = sqnr_db(fp, dmq_fx.convert_fx(prepared, "x86")(*a, **k).sample)
     assert errors[4.5] >= errors[None] + 1.0, errors
+
+
+def test_quantize_pipeline_with_mixed_precision():
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    pipe = DDPMPipeline(unet=build_unet(TINY_DDPM), scheduler=DDIMScheduler())
+    fast = {"num_inference_steps": 4, "samples_per_step": 4, "batch_size": 8}
+    config = {"preset": "minmax", "mixed_precision_bits": 5.0, **fast}
+    q = dmq_fx.quantize_pipeline(pipe, config, progress=False)
+    widths = [r["weight"].split("b")[0] for r in dmq_fx.summary(q.unet.graph).rows]
+    assert "8" in widths and "4" in widths
+    with pytest.raises(dmq_fx.ConfigError, match="mixed_precision_bits=9"):
+        dmq_fx.QuantizationConfig(mixed_precision_bits=9)

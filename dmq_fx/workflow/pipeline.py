@@ -20,6 +20,7 @@ from torch import fx
 from dmq_fx.errors import ConfigError
 from dmq_fx.lowering.compile import compile as compile_graph
 from dmq_fx.lowering.convert import BACKENDS, convert_fx
+from dmq_fx.methods.mixed_precision import mixed_precision_mapping
 from dmq_fx.methods.presets import PREPARE_FLAGS, PRESETS
 from dmq_fx.quantize.prepare import prepare_fx
 from dmq_fx.quantize.qconfig import check_bits, get_default_qconfig_mapping
@@ -55,6 +56,9 @@ class QuantizationConfig:
     per-timestep activation parameters; ``batch_size``: calibration batches; ``seed``;
     ``compile``: run the UNet through :func:`dmq_fx.compile` (torch.compile with inductor: one
     fused graph on int8 kernels; the first call of each batch shape compiles, a minute or more).
+    ``mixed_precision_bits``: automatic mixed precision (:func:`dmq_fx.mixed_precision_mapping`
+    on two calibration batches): 8-bit weights for the layers where ``weight_bits`` hurts most,
+    within that average weight width; None (default): every layer at ``weight_bits``.
     """
 
     preset: str = "dmq"
@@ -71,6 +75,7 @@ class QuantizationConfig:
     batch_size: int = 32
     seed: int = 0
     compile: bool = False
+    mixed_precision_bits: float | None = None
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -79,6 +84,12 @@ class QuantizationConfig:
         check_bits(self.act_bits, "act_bits")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; choose one of {BACKENDS}")
+        budget = self.mixed_precision_bits
+        if budget is not None and not self.weight_bits <= budget <= 8:
+            raise ConfigError(
+                f"mixed_precision_bits={budget}: expected a value from weight_bits "
+                f"({self.weight_bits}) to 8"
+            )
         if self.selection not in ("uniform", "tdac"):
             raise ConfigError(f"selection must be 'uniform' or 'tdac', got {self.selection!r}")
         for name in ("num_inference_steps", "samples_per_step", "batch_size"):
@@ -344,9 +355,20 @@ def quantize_pipeline(
     data = _calibration_data(pipe, cfg, calibration)
     batches = list(data.batches(cfg.batch_size, seed=cfg.seed))
     example_args, example_kwargs = data.batches(min(8, len(data)), shuffle=False).__next__()
+    mapping = get_default_qconfig_mapping(cfg.weight_bits, cfg.act_bits)
+    if cfg.mixed_precision_bits is not None:
+        mapping = mixed_precision_mapping(
+            pipe.unet,
+            batches[:2],
+            cfg.weight_bits,
+            cfg.act_bits,
+            cfg.mixed_precision_bits,
+            mapping,
+            progress,
+        ).mapping
     prepared = prepare_fx(
         pipe.unet,
-        get_default_qconfig_mapping(cfg.weight_bits, cfg.act_bits),
+        mapping,
         example_args,
         example_kwargs,
         **PREPARE_FLAGS[cfg.preset],
