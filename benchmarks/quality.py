@@ -183,12 +183,17 @@ class CalibrationSets:
 
 
 # -- methods: (float unet, bits, calibration sets) -> quantized graph ------------------------------
-def _dmq_fx(preset: str, data: str = "uniform", mixed_bits: float | None = None):
+def _dmq_fx(
+    preset: str,
+    data: str = "uniform",
+    mixed_bits: float | None = None,
+    activation_ranges: str = "minmax",
+):
     """A dmq_fx preset on the uniform calibration set, a TDAC selection (``data="tdac"``), or
     one with a quarter of the uniform per-step count guaranteed at every step
     (``"tdac-min"``, for DMQ's per-step stages). ``mixed_bits``: automatic mixed precision, the
-    most weight-sensitive layers at 8 bits within that average weight width (its rows report
-    the effective bits in "bits")."""
+    most weight-sensitive layers at 8 bits within that average weight width (the effective bits
+    are printed); ``activation_ranges``: "minmax" or "histogram"."""
 
     def build(unet, bits, sets: CalibrationSets):
         if data == "uniform":
@@ -198,7 +203,7 @@ def _dmq_fx(preset: str, data: str = "uniform", mixed_bits: float | None = None)
         wb, ab = parse_bits(bits)
         example = next(calib.batches(8, shuffle=False))
         stages = dmq_fx.PRESETS[preset]
-        mapping = dmq_fx.get_default_qconfig_mapping(wb, ab)
+        mapping = dmq_fx.get_default_qconfig_mapping(wb, ab, activation_ranges)
         if mixed_bits is not None and wb < 8:
             choice = dmq_fx.mixed_precision_mapping(
                 unet,
@@ -206,6 +211,7 @@ def _dmq_fx(preset: str, data: str = "uniform", mixed_bits: float | None = None)
                 wb,
                 ab,
                 budget_bits=mixed_bits,
+                mapping=mapping,
                 progress=False,
             )
             mapping = choice.mapping
@@ -337,6 +343,8 @@ METHODS: dict[str, Callable | None] = {
     "dmq+eda": _dmq_fx("dmq+eda", data="tdac-min"),
     "minmax-mp4.5": _dmq_fx("minmax", mixed_bits=4.5),
     "dmq+eda-mp4.5": _dmq_fx("dmq+eda", data="tdac-min", mixed_bits=4.5),
+    "minmax-hist": _dmq_fx("minmax", activation_ranges="histogram"),
+    "dmq+eda-hist": _dmq_fx("dmq+eda", data="tdac-min", activation_ranges="histogram"),
 }
 
 

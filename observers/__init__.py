@@ -1,5 +1,6 @@
 """torch.ao observers of dmq_fx (installed as ``dmq_fx.observers``)."""
 
+from .histogram import HistogramRangeObserver
 from .mse import MSEGridSearchPerChannelObserver
 from .pts import PowerOfTwoFakeQuantize, PowerOfTwoVotingObserver, candidate_errors
 from .timestep_table import (
@@ -9,6 +10,7 @@ from .timestep_table import (
 )
 
 __all__ = [
+    "HistogramRangeObserver",
     "MSEGridSearchPerChannelObserver",
     "PowerOfTwoFakeQuantize",
     "PowerOfTwoVotingObserver",

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.ao.quantization.observer import HistogramObserver
 
 from dmq_fx.errors import ConfigError
 from dmq_fx.observers import TimestepTableFakeQuantize
@@ -120,6 +121,12 @@ class RangeRecorder:
                         "yet: each rank sees other timesteps; calibrate them in one process"
                     )
                 obs = q.activation_post_process
+                if isinstance(obs, HistogramObserver):
+                    raise ConfigError(
+                        "histogram activation ranges are not supported with torch.distributed "
+                        "yet: the ranks' histograms are not merged; calibrate them in one "
+                        "process or use activation_ranges='minmax'"
+                    )
                 self._handles.append(obs.register_forward_pre_hook(self._hook(i, obs)))
         return self
 

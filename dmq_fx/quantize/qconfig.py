@@ -18,7 +18,7 @@ from torch.ao.quantization.fx.qconfig_mapping_utils import (
 from torch.ao.quantization.observer import MovingAverageMinMaxObserver
 
 from dmq_fx.errors import ConfigError
-from dmq_fx.observers import MSEGridSearchPerChannelObserver
+from dmq_fx.observers import HistogramRangeObserver, MSEGridSearchPerChannelObserver
 
 __all__ = [
     "FLOAT_MODULE_NAMES",
@@ -53,6 +53,10 @@ FLOAT_MODULE_NAME_REGEXES = (r"(.*\.)?time_emb_proj$",)
 #: Moving-average momentum of activation ranges (docs/methods/quantizers.md: 0.95, i.e. torch.ao's
 #: constant 0.05).
 ACTIVATION_RANGE_MOMENTUM = 0.95
+
+#: how activation ranges are chosen: "minmax" (moving-average min / max) or "histogram" (the
+#: range of least L2 quantization error over a histogram of every calibration value)
+ACTIVATION_RANGES = ("minmax", "histogram")
 
 
 def check_bits(value: object, name: str) -> int:
@@ -115,21 +119,35 @@ def weight_observer(bits: int = 8):
     )
 
 
-def activation_observer(bits: int = 8):
-    """Per-tensor asymmetric activation observer ``[0, 2^b - 1]``, moving-average min/max."""
+def activation_observer(bits: int = 8, ranges: str = "minmax"):
+    """Per-tensor asymmetric activation observer ``[0, 2^b - 1]``: moving-average min / max, or
+    with ``ranges="histogram"`` the range of least quantization error found in a histogram of
+    every observed value (:class:`~dmq_fx.observers.HistogramRangeObserver`)."""
     bits = check_bits(bits, "act_bits")
+    common = {
+        "dtype": torch.quint8,
+        "qscheme": torch.per_tensor_affine,
+        "quant_min": 0,
+        "quant_max": 2**bits - 1,
+    }
+    if ranges == "histogram":
+        return HistogramRangeObserver.with_args(**common)
+    if ranges != "minmax":
+        raise ConfigError(f"activation ranges {ranges!r}: expected one of {ACTIVATION_RANGES}")
     return MovingAverageMinMaxObserver.with_args(
-        averaging_constant=1.0 - ACTIVATION_RANGE_MOMENTUM,
-        dtype=torch.quint8,
-        qscheme=torch.per_tensor_affine,
-        quant_min=0,
-        quant_max=2**bits - 1,
+        averaging_constant=1.0 - ACTIVATION_RANGE_MOMENTUM, **common
     )
 
 
-def get_default_qconfig(weight_bits: int = 8, act_bits: int = 8) -> QConfig:
-    """The QConfig dmq_fx gives every quantized conv and linear by default."""
-    return QConfig(activation=activation_observer(act_bits), weight=weight_observer(weight_bits))
+def get_default_qconfig(
+    weight_bits: int = 8, act_bits: int = 8, activation_ranges: str = "minmax"
+) -> QConfig:
+    """The QConfig dmq_fx gives every quantized conv and linear by default
+    (``activation_ranges``: see :func:`activation_observer`)."""
+    return QConfig(
+        activation=activation_observer(act_bits, activation_ranges),
+        weight=weight_observer(weight_bits),
+    )
 
 
 class UNetQConfigMapping(QConfigMapping):
@@ -155,17 +173,22 @@ def with_float_roles(mapping: QConfigMapping, unet_paths: Sequence[str]) -> QCon
     return out
 
 
-def get_default_qconfig_mapping(weight_bits: int = 8, act_bits: int = 8) -> UNetQConfigMapping:
+def get_default_qconfig_mapping(
+    weight_bits: int = 8, act_bits: int = 8, activation_ranges: str = "minmax"
+) -> UNetQConfigMapping:
     """A QConfigMapping with the defaults of docs/methods/quantizers.md for diffusers UNets.
 
     Conv2d and Linear layers get :func:`get_default_qconfig`; ``conv_in``, ``conv_out``, the
     timestep embedding path (``time_proj``, ``time_embedding``, every ``time_emb_proj``) and class
     / added-condition embeddings stay in float. Attention matmuls, norms and nonlinearities are
     never quantized by dmq_fx. These float layers are found by role: under whichever diffusers
-    UNet of the model they belong to (:class:`UNetQConfigMapping`). Edit the result as any
+    UNet of the model they belong to (:class:`UNetQConfigMapping`). ``activation_ranges``:
+    ``"minmax"`` or ``"histogram"`` (:func:`activation_observer`). Edit the result as any
     torch.ao QConfigMapping.
     """
-    mapping = UNetQConfigMapping().set_global(get_default_qconfig(weight_bits, act_bits))
+    mapping = UNetQConfigMapping().set_global(
+        get_default_qconfig(weight_bits, act_bits, activation_ranges)
+    )
     for name in FLOAT_MODULE_NAMES:
         mapping.set_module_name(name, None)
     for regex in FLOAT_MODULE_NAME_REGEXES:
