@@ -344,7 +344,11 @@ METHODS: dict[str, Callable | None] = {
     "minmax-mp4.5": _dmq_fx("minmax", mixed_bits=4.5),
     "dmq+eda-mp4.5": _dmq_fx("dmq+eda", data="tdac-min", mixed_bits=4.5),
     "minmax-hist": _dmq_fx("minmax", activation_ranges="histogram"),
+    "minmax-mp4.5-hist": _dmq_fx("minmax", mixed_bits=4.5, activation_ranges="histogram"),
     "dmq+eda-hist": _dmq_fx("dmq+eda", data="tdac-min", activation_ranges="histogram"),
+    "dmq+eda-mp4.5-hist": _dmq_fx(
+        "dmq+eda", data="tdac-min", mixed_bits=4.5, activation_ranges="histogram"
+    ),
 }
 
 

@@ -47,7 +47,7 @@ def test_histogram_range_searches_for_the_quantizers_own_levels():
     ]
 
 
-def test_histogram_ranges_in_the_default_mapping():
+def test_histogram_ranges_in_the_default_mapping(tmp_path):
     model = build_unet(TINY_DDPM)
     data = [example_inputs(model, batch=4, seed=s) for s in range(3)]
     mapping = dmq_fx.get_default_qconfig_mapping(4, 6, activation_ranges="histogram")
@@ -64,5 +64,10 @@ def test_histogram_ranges_in_the_default_mapping():
     a, k = example_inputs(model, batch=2, seed=9)
     with torch.no_grad():
         assert converted(*a, **k).sample.shape == model(*a, **k).sample.shape
+    # save / load rebuild the histogram observers without being told
+    dmq_fx.save(converted, tmp_path / "h.safetensors")
+    loaded = dmq_fx.load(tmp_path / "h.safetensors", model)
+    with torch.no_grad():
+        assert torch.equal(loaded(*a, **k).sample, converted(*a, **k).sample)
     with pytest.raises(dmq_fx.ConfigError, match="'mse'"):
         dmq_fx.get_default_qconfig_mapping(4, 8, activation_ranges="mse")

@@ -41,7 +41,7 @@ def test_sensitivity_is_the_output_sqnr_with_one_layer_quantized():
     assert math.isfinite(sensitivity[name]) and sensitivity[name] < max(sensitivity.values())
 
 
-def test_mixed_precision_spends_the_budget_on_the_most_damaging_layers():
+def test_mixed_precision_spends_the_budget_on_the_most_damaging_layers(tmp_path):
     model = build_unet(TINY_DDPM)
     data = _data(model)
     choice = dmq_fx.mixed_precision_mapping(model, data, 4, 8, budget_bits=5.0, progress=False)
@@ -63,8 +63,17 @@ def test_mixed_precision_spends_the_budget_on_the_most_damaging_layers():
     assert bits == {n: 8 if n in chosen else 4 for n in sizes}
     dmq_fx.calibrate(prepared, calibration_data(model), progress=False)
     names = {n.target: n.name for n in quantized_layer_nodes(prepared)}
-    rows = {r["node"]: r for r in dmq_fx.summary(dmq_fx.convert_fx(prepared, "x86")).rows}
+    converted = dmq_fx.convert_fx(prepared, "x86")
+    rows = {r["node"]: r for r in dmq_fx.summary(converted).rows}
     assert all(rows[names[n]]["weight"].startswith(f"{bits[n]}b") for n in sizes)
+    # the file records each layer's width: both load forms rebuild the same graph
+    dmq_fx.save(converted, tmp_path / "mixed.safetensors", standalone=True)
+    a, k = example_inputs(model, batch=2, seed=5)
+    with torch.no_grad():
+        out = converted(*a, **k).sample
+        assert torch.equal(dmq_fx.load(tmp_path / "mixed.safetensors")(*a, **k).sample, out)
+        again = dmq_fx.load(tmp_path / "mixed.safetensors", model)(*a, **k).sample
+        assert torch.equal(again, out)
 
     # a budget at the low width changes nothing, at 8 bits every layer is upgraded
     none = dmq_fx.mixed_precision_mapping(model, data, 4, 8, budget_bits=4.0, progress=False)

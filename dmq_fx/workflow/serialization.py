@@ -333,8 +333,9 @@ def _rebuild(
     if qconfig_mapping is None:
         qconfig_mapping = QConfigMapping()
         for name, layer in layers.items():
+            ranges = "histogram" if "HistogramRangeObserver" in layer["observers"] else "minmax"
             qconfig_mapping.set_module_name(
-                name, get_default_qconfig(layer["weight_bits"], layer["act_bits"])
+                name, get_default_qconfig(layer["weight_bits"], layer["act_bits"], ranges)
             )
     examples = _example_inputs(config["example_spec"])
     prepared = prepare_fx(float_model, qconfig_mapping, (), examples, **config["prepare"])
