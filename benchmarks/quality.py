@@ -32,6 +32,11 @@ then FBR, fast preset); eda-dm-uniform (the same on the uniform set: uniform vs 
 calibration); dmq+eda (TDAC with a quarter of the per-step count guaranteed at every step, LES
 + PTS voting on the skip layers + FBR in place of AdaRound). TDAC's selection time is printed
 per model and, like the uniform collection, not part of calib_s.
+Levers of the 4-bit rows: "<method>-mp4.5" gives the layers where 4-bit weights add most
+output noise per parameter 8-bit weights within 4.5 bits on average (dmq_fx.mixed_precision_mapping
+on two calibration batches; the effective bits are printed, and such a row is not a W4 row);
+"<method>-hist" chooses activation ranges from a histogram (activation_ranges="histogram");
+both on minmax and dmq+eda.
 Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the default run is 1000 samples, 32 per step (hours per learned method on 2 CPU
