@@ -131,3 +131,41 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def nncf_openvino_runner(model, calib, threads: int):
+    """The float UNet converted by OpenVINO and quantized by NNCF (INT8, its transformer model
+    type, calibrated on ``calib``'s batches), run with f32 float parts: OpenVINO's own PTQ, for
+    comparison with dmq_fx's exported graph. Returns (runner, integer layers)."""
+    import nncf
+    import openvino as ov
+
+    def feeds(args, kwargs):
+        return {"sample": args[0], "timestep": torch.as_tensor(args[1]), **kwargs}
+
+    example = feeds(*calib[0])
+    with torch.no_grad():
+        float_model = ov.convert_model(model, example_input=example)
+    names = [i.get_any_name() for i in float_model.inputs]
+
+    def numpy_feeds(args, kwargs):
+        values = feeds(args, kwargs)
+        return {name: np.ascontiguousarray(values[name].numpy()) for name in names}
+
+    dataset = nncf.Dataset(calib, lambda batch: numpy_feeds(*batch))
+    quantized = nncf.quantize(
+        float_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib)
+    )
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+    compiled = ov.Core().compile_model(quantized, "CPU", config)
+    request = compiled.create_infer_request()
+    kernels = openvino_kernels(compiled)
+    int8 = sum(
+        n for (layer, precision), n in kernels.items()
+        if layer in ("Convolution", "FullyConnected", "MatMul") and precision in ("u8", "i8")
+    )  # fmt: skip
+
+    def run(*args, **kwargs):
+        return request.infer(numpy_feeds(args, kwargs))[0]
+
+    return run, int8

@@ -1,7 +1,7 @@
 """fp32 eager vs lowered int8 graphs on the DDPM-CIFAR10 UNet (random weights).
 
     python benchmarks/speed.py [--bits w8a8 w8a7 w4a8] [--dmq-bits w4a8] [--batches 1 8]
-        [--repeats 15] [--no-torchao] [--pt2e] [--compile] [--sampling] [--onnx]
+        [--repeats 15] [--no-torchao] [--pt2e] [--compile] [--sampling] [--onnx] [--openvino]
 
 Rows: dmq_fx's x86 lowering at each bit setting; the DMQ-structured graph ("dmq_fx les+pts",
 --dmq-bits, default w4a8: LES scales (SmoothQuant's closed form standing in for learned tau: the
@@ -18,7 +18,9 @@ sampling of the committed fashion28 model at batch 8, fp32 against its W4A8 DMQ-
 eager and compiled, in images per second. With --onnx, the DMQ-structured graph exported by
 dmq_fx.export_onnx runs on onnxruntime and (if installed) OpenVINO with f32 float parts, in the
 same interleaved loop ("int8_layers": layer input groups on integer kernels after the engine's
-own optimisation, of "layers"). The first line names the CPU's int8 features. The last
+own optimisation, of "layers"). With --openvino, OpenVINO's own PTQ: the float UNet converted by
+OpenVINO and quantized by NNCF (INT8, transformer model type, calibrated on the same 2 batches),
+f32 float parts. The first line names the CPU's int8 features. The last
 line printed is a JSON list with one object per run: {"config", "batch", "bits", "method",
 "fp32_ms", "quant_ms", "speedup", "int8_layers", "layers", "compile_s"}.
 """
@@ -140,6 +142,11 @@ def main() -> None:
         "--sampling", action="store_true", help="add the fashion28 20-step sampling row"
     )
     ap.add_argument(
+        "--openvino",
+        action="store_true",
+        help="add OpenVINO's own INT8 PTQ row: the float UNet quantized by NNCF",
+    )
+    ap.add_argument(
         "--onnx",
         action="store_true",
         help="add onnxruntime and OpenVINO rows on the DMQ-structured graph exported to ONNX",
@@ -170,6 +177,11 @@ def main() -> None:
             if method == "dmq_fx les+pts"
             for row in onnx_engine_graphs(graph, model, calib, bits, args.threads)
         ]
+    if args.openvino:
+        from onnx_engines import nncf_openvino_runner
+
+        runner, int8 = nncf_openvino_runner(model, calib, args.threads)
+        graphs.append(("openvino nncf (float UNet)", "int8", runner, int8, int8))
     if args.compile:
         graphs += [
             (f"{method}+compile", bits, dmq_fx.compile(graph, dynamic=False), int8, layers)
