@@ -27,6 +27,7 @@ from dmq_fx.observers import nearest_grid_index
 __all__ = [
     "QDQ_OPS",
     "QuantizedLayer",
+    "SELECT_TIMESTEP_ENTRY_OP",
     "cpu_has_int8_dot_product",
     "int16_pair_bound",
     "quantize_uint8",
@@ -117,6 +118,10 @@ def _select_timestep_entry(
         )
     return table[int(nearest_grid_index(grid, t[:1])[0])].clone()  # (a custom op's output
     # must not alias its input)
+
+
+#: the op a lowered graph calls for the table choice (exporters translate it)
+SELECT_TIMESTEP_ENTRY_OP = _select_timestep_entry._opoverload
 
 
 @_select_timestep_entry.register_fake

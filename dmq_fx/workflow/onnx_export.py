@@ -29,7 +29,7 @@ from torch import fx
 
 from dmq_fx.errors import ConfigError, ConvertError
 from dmq_fx.lowering.export_form import export_form
-from dmq_fx.lowering.quantized_modules import _select_timestep_entry
+from dmq_fx.lowering.quantized_modules import SELECT_TIMESTEP_ENTRY_OP
 from dmq_fx.quantize.bitpacking import pack_nibbles
 
 __all__ = ["export_onnx"]
@@ -143,7 +143,7 @@ def _translation_table() -> dict:
         qd.quantize_per_channel.default: _quantize_per_channel,
         qd.dequantize_per_tensor.default: _dequantize_per_tensor,
         qd.dequantize_per_tensor.tensor: _dequantize_per_tensor,
-        _select_timestep_entry._opoverload: _select_entry,
+        SELECT_TIMESTEP_ENTRY_OP: _select_entry,
     }
 
 
