@@ -84,15 +84,19 @@ def openvino_kernels(compiled) -> collections.Counter:
     return counts
 
 
+def openvino_integer_layers(compiled) -> int:
+    """Convolution / FullyConnected / MatMul nodes of the runtime model running in u8 / i8."""
+    return sum(
+        n for (layer, precision), n in openvino_kernels(compiled).items()
+        if layer in ("Convolution", "FullyConnected", "MatMul") and precision in ("u8", "i8")
+    )  # fmt: skip
+
+
 def openvino_runner(path: str, threads: int):
     compiled = openvino_model(path, threads)
     request = compiled.create_infer_request()
     names = [i.get_any_name() for i in compiled.inputs]
-    kernels = openvino_kernels(compiled)
-    int8 = sum(
-        n for (layer, precision), n in kernels.items()
-        if layer in ("Convolution", "FullyConnected", "MatMul") and precision in ("u8", "i8")
-    )  # fmt: skip
+    int8 = openvino_integer_layers(compiled)
 
     def run(*args, **kwargs):
         return request.infer(_feeds(names, args, kwargs))[0]
@@ -159,11 +163,7 @@ def nncf_openvino_runner(model, calib, threads: int):
     config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
     compiled = ov.Core().compile_model(quantized, "CPU", config)
     request = compiled.create_infer_request()
-    kernels = openvino_kernels(compiled)
-    int8 = sum(
-        n for (layer, precision), n in kernels.items()
-        if layer in ("Convolution", "FullyConnected", "MatMul") and precision in ("u8", "i8")
-    )  # fmt: skip
+    int8 = openvino_integer_layers(compiled)
 
     def run(*args, **kwargs):
         return request.infer(numpy_feeds(args, kwargs))[0]
