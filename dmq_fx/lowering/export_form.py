@@ -8,16 +8,17 @@ exporter can hand to another engine: onednn calls have no ONNX counterpart, and 
 on the integer weights is folded into a float constant by ONNX optimizers. :func:`export_form`
 rewrites a copy of the graph so that every quantized layer reads
 
-    x ── quantize_per_tensor / _per_channel ── dequantize_per_tensor ──┐
-    W_int ── dequantize_per_channel(axis 0) ─────────────────────────── conv2d / linear (+ bias)
+    x ── [x * (s / step_c)] ── quantize_per_tensor(s, z) ── dequantize_per_tensor(s, z) ──┐
+    W_int ── dequantize_per_channel(axis 0; a linear's W_int^T: axis 1) ── conv2d / matmul (+ b)
 
 the pattern engines (onnxruntime, OpenVINO, TensorRT) recognise as a quantized layer. It matches
 ``call_module`` nodes of :class:`QuantizedLayer` and, for the int8 form, the
-``quantize_uint8`` / ``quantize_uint8_per_channel`` nodes feeding them; it rewrites them into
-``quantized_decomposed`` calls and ``F.conv2d`` / ``F.linear``, reading the layer's integer
-weights, steps and zero points as ``get_attr`` nodes. The integers are unchanged; an int8
-layer's per-channel quantize (LES merged into the step) gets steps ``1 / inv_steps`` back, which
-can move a value lying within float rounding of a .5 tie by one integer.
+``quantize_uint8`` / ``quantize_uint8_per_channel`` nodes feeding them, and then every
+``quantize_per_channel`` with constant steps read by a per-tensor dequantize (LES merged into
+the step, PTS shifts). The integers are those of the converted graph up to float rounding: a
+per-channel step becomes a multiply by ``s / step_c`` before a per-tensor quantize, which can
+move a value lying within float rounding of a .5 tie by one integer. With
+``centered_weights=True`` the weights are ``W_int - z`` in int8 with zero point 0.
 """
 
 from __future__ import annotations
