@@ -145,15 +145,15 @@ class CalibrationSets:
     docs/workflow/calibration_data.md) and TDAC selections of the same total size
     (docs/methods/eda_dm.md), made on first use."""
 
-    def __init__(self, ref: ReferenceModel, per_step: int):
-        self.ref, self.per_step = ref, per_step
+    def __init__(self, ref: ReferenceModel, per_step: int, seed: int = 0):
+        self.ref, self.per_step, self.seed = ref, per_step, seed
         t = time.perf_counter()
         self.uniform = collect_calibration_data(
             ref.unet,
             DDIMScheduler.from_config(ref.scheduler.config),
             num_inference_steps=STEPS,
             samples_per_step=per_step,
-            seed=0,
+            seed=seed,
             progress=False,
             **ref.collect_kwargs,
         )
@@ -174,7 +174,7 @@ class CalibrationSets:
                 lam=TDAC_LAMBDA,
                 min_per_step=min_per_step,
                 num_inference_steps=STEPS,
-                seed=0,
+                seed=self.seed,
                 progress=False,
                 **self.ref.collect_kwargs,
             )
@@ -212,7 +212,7 @@ def _dmq_fx(
         if mixed_bits is not None and wb < 8:
             choice = dmq_fx.mixed_precision_mapping(
                 unet,
-                list(calib.batches(32, seed=0))[:2],
+                list(calib.batches(32, seed=sets.seed))[:2],
                 wb,
                 ab,
                 budget_bits=mixed_bits,
@@ -231,7 +231,7 @@ def _dmq_fx(
             *example,
             **dmq_fx.PREPARE_FLAGS[preset],
         )
-        dmq_fx.calibrate(prepared, list(calib.batches(32, seed=0)), stages, progress=False)
+        dmq_fx.calibrate(prepared, list(calib.batches(32, seed=sets.seed)), stages, progress=False)
         return dmq_fx.convert_fx(prepared, "x86")
 
     return build
@@ -242,7 +242,7 @@ def _torchao_fx(unet, bits, sets: CalibrationSets):
         return None  # torch.ao's convert_fx clamps custom ranges to 8 bits (FINDINGS)
     calib = sets.uniform
     return torchao_fx_quantize(
-        unet, next(calib.batches(8, shuffle=False)), list(calib.batches(32, seed=0))
+        unet, next(calib.batches(8, shuffle=False)), list(calib.batches(32, seed=sets.seed))
     )
 
 
@@ -278,7 +278,7 @@ def _les_adaround_with_pts_everywhere(
         example = next(calib.batches(8, shuffle=False))
         mapping = dmq_fx.get_default_qconfig_mapping(wb, ab)
         prepared = dmq_fx.prepare_fx(unet, mapping, *example, les=True, pts="all")
-        batches = list(calib.batches(32, seed=0))
+        batches = list(calib.batches(32, seed=sets.seed))
         stages = [dmq_fx.LearnLES(weighting=weighting), "observe_activations", "observe_weights"]
         dmq_fx.calibrate(prepared, batches, stages, progress=False)
         les_s = time.perf_counter() - t
@@ -444,6 +444,12 @@ def main() -> None:
     ap.add_argument("--per-step", type=int, help="calibration samples per step (32, quick 4)")
     ap.add_argument("--batch", type=int, default=250)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--calib-seed",
+        type=int,
+        default=0,
+        help="seed of the calibration data (sampler noise, TDAC, batch order) for spread rows",
+    )
     args = ap.parse_args()
     for m in args.methods:
         if m not in METHODS:
@@ -460,7 +466,7 @@ def main() -> None:
         shape = (ref.unet.config.in_channels, *[ref.unet.config.sample_size] * 2)
         real = real_images(n, shape[-1])
         real_other = real_images(n, shape[-1], offset=5000)
-        calib = CalibrationSets(ref, per_step)
+        calib = CalibrationSets(ref, per_step, args.calib_seed)
         trajectory: list = []
         fp_samples = sample_batches(ref.unet, ref, n, args.batch, shape, trajectory)
         scale = {
@@ -480,7 +486,7 @@ def main() -> None:
                         continue
                 row = {"model": ref.name, "bits": bits, "method": method}
                 row.update(evaluate(ref, q_unet, (fp_samples, trajectory), args, feats, clf, real))
-                row.update(calib_s=calib_s, n=n, **scale)
+                row.update(calib_s=calib_s, n=n, calib_seed=args.calib_seed, **scale)
                 print(row, flush=True)
                 rows.append(row)
     print_table(rows)
