@@ -30,8 +30,13 @@ ORT_INTEGER_OPS = {
 }
 
 
+def _inputs(args, kwargs) -> dict:
+    """A UNet call's inputs by name (the names the exported models' inputs have)."""
+    return {"sample": args[0], "timestep": torch.as_tensor(args[1]), **kwargs}
+
+
 def _feeds(input_names, args, kwargs) -> dict:
-    values = {"sample": args[0], "timestep": torch.as_tensor(args[1]), **kwargs}
+    values = _inputs(args, kwargs)
     return {name: np.ascontiguousarray(values[name].numpy()) for name in input_names}
 
 
@@ -144,19 +149,10 @@ def nncf_openvino_runner(model, calib, threads: int):
     import nncf
     import openvino as ov
 
-    def feeds(args, kwargs):
-        return {"sample": args[0], "timestep": torch.as_tensor(args[1]), **kwargs}
-
-    example = feeds(*calib[0])
     with torch.no_grad():
-        float_model = ov.convert_model(model, example_input=example)
+        float_model = ov.convert_model(model, example_input=_inputs(*calib[0]))
     names = [i.get_any_name() for i in float_model.inputs]
-
-    def numpy_feeds(args, kwargs):
-        values = feeds(args, kwargs)
-        return {name: np.ascontiguousarray(values[name].numpy()) for name in names}
-
-    dataset = nncf.Dataset(calib, lambda batch: numpy_feeds(*batch))
+    dataset = nncf.Dataset(calib, lambda batch: _feeds(names, *batch))
     quantized = nncf.quantize(
         float_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib)
     )
@@ -166,6 +162,6 @@ def nncf_openvino_runner(model, calib, threads: int):
     int8 = openvino_integer_layers(compiled)
 
     def run(*args, **kwargs):
-        return request.infer(numpy_feeds(args, kwargs))[0]
+        return request.infer(_feeds(names, args, kwargs))[0]
 
     return run, int8

@@ -117,3 +117,22 @@ def test_quantize_pipeline_with_mixed_precision():
     assert "8" in widths and "4" in widths
     with pytest.raises(dmq_fx.ConfigError, match="mixed_precision_bits=9"):
         dmq_fx.QuantizationConfig(mixed_precision_bits=9)
+
+
+def test_upgraded_layers_keep_the_mappings_activation_quantizer():
+    """Only the weight width changes: with histogram activation ranges in the base mapping, the
+    8-bit layers observe their activations with histograms too."""
+    from dmq_fx.observers import HistogramRangeObserver
+
+    model = build_unet(TINY_DDPM)
+    base = dmq_fx.get_default_qconfig_mapping(4, 6, activation_ranges="histogram")
+    choice = dmq_fx.mixed_precision_mapping(
+        model, _data(model), 4, 6, budget_bits=5.0, mapping=base, progress=False
+    )
+    prepared = dmq_fx.prepare_fx(model, choice.mapping, *example_inputs(model, batch=4))
+    specs = {n.target: n.meta["dmq_fx"] for n in quantized_layer_nodes(prepared)}
+    assert choice.eight_bit
+    for name, spec in specs.items():
+        assert spec.weight_bits == (8 if name in choice.eight_bit else 4)
+        assert spec.act_bits == 6
+        assert isinstance(spec.qconfig.activation(), HistogramRangeObserver), name

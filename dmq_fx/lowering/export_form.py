@@ -111,33 +111,22 @@ def _layer_op(
         qmin, qmax = layer.weight_quant_min, layer.weight_quant_max
     scale = graph.get_attr(f"{prefix}_scale_{g}")
     bias = graph.get_attr(f"{node.target}.bias") if g == 0 and layer.bias is not None else None
-    if layer.is_conv:
-        weight = graph.call_function(
-            _qd.dequantize_per_channel.default,
-            (
-                add_constant(gm, f"{prefix}_export_int_{g}", w_int.clone()),
-                scale,
-                zero_point,
-                0,
-                qmin,
-                qmax,
-                w_int.dtype,
-            ),
-        )
-        conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
-        return graph.call_function(F.conv2d, (x, weight, bias, *conv_args))
+    stored, axis = (w_int, 0) if layer.is_conv else (w_int.t().contiguous(), 1)
     weight = graph.call_function(
         _qd.dequantize_per_channel.default,
         (
-            add_constant(gm, f"{prefix}_export_int_{g}", w_int.t().contiguous()),
+            add_constant(gm, f"{prefix}_export_int_{g}", stored.clone()),
             scale,
             zero_point,
-            1,
+            axis,
             qmin,
             qmax,
             w_int.dtype,
         ),
     )
+    if layer.is_conv:
+        conv_args = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        return graph.call_function(F.conv2d, (x, weight, bias, *conv_args))
     y = graph.call_function(torch.matmul, (x, weight))
     return y if bias is None else graph.call_function(torch.add, (y, bias))
 
@@ -156,16 +145,12 @@ def _reference_input(gm: fx.GraphModule, layer: QuantizedLayer, q: fx.Node, g: i
         # quantized at s, a per-tensor pair (see _per_tensor_quantize)
         x, inv_steps, qz, axis, qmin, qmax = q.args
         factor = float(s) * _constant(gm, inv_steps).float()
-        scaled = graph.call_function(
-            torch.mul, (x, _broadcast_constant(gm, x, axis, factor, f"{inv_steps.target}_export"))
-        )
-        quantized = graph.call_function(
-            _qd.quantize_per_tensor.default, (scaled, s, int(qz), qmin, qmax, torch.uint8)
-        )
+        name = f"{inv_steps.target}_export"
+        quantized = _scaled_quantize(gm, x, axis, factor, name, (s, int(qz), qmin, qmax))
     else:
         raise ConvertError(
-            f"node '{q.name}' feeds the int8 layer '{layer}' but is not one of convert_fx's "
-            "quantize steps; was the graph edited after convert_fx?"
+            f"node '{q.name}' feeds an int8 layer but is not one of convert_fx's quantize "
+            "steps; was the graph edited after convert_fx?"
         )
     return graph.call_function(
         _qd.dequantize_per_tensor.default, (quantized, s, z, amin, amax, torch.uint8)
@@ -182,7 +167,7 @@ def _per_tensor_quantize(gm: fx.GraphModule, q: fx.Node) -> None:
     steps only; OpenVINO refuses per-channel ones along a linear layer's last axis). Left as is:
     steps chosen at run time (timestep tables), per-channel zero points, and a per-channel
     dequantize (``pts:dequant``)."""
-    x, steps_node, zps_node, axis, qmin, qmax, dtype = q.args
+    x, steps_node, zps_node, axis, qmin, qmax, _ = q.args
     users = list(q.users)
     if len(users) != 1 or users[0].target is not _qd.dequantize_per_tensor.default:
         return
@@ -193,30 +178,27 @@ def _per_tensor_quantize(gm: fx.GraphModule, q: fx.Node) -> None:
     if not bool((zero_points == int(z)).all()):
         return
     factor = float(s) / _constant(gm, steps_node).float()
-    graph = gm.graph
-    with graph.inserting_before(q):
-        scaled = graph.call_function(
-            torch.mul, (x, _broadcast_constant(gm, x, axis, factor, f"{steps_node.target}_export"))
-        )
-        per_tensor = graph.call_function(
-            _qd.quantize_per_tensor.default, (scaled, s, int(z), qmin, qmax, dtype)
-        )
+    with gm.graph.inserting_before(q):
+        name = f"{steps_node.target}_export"
+        per_tensor = _scaled_quantize(gm, x, axis, factor, name, (s, int(z), qmin, qmax))
     q.replace_all_uses_with(per_tensor)
-    graph.erase_node(q)
+    gm.graph.erase_node(q)
 
 
-def _broadcast_constant(
-    gm: fx.GraphModule, x: fx.Node, axis: int, values: torch.Tensor, name: str
+def _scaled_quantize(
+    gm: fx.GraphModule, x: fx.Node, axis: int, factor: torch.Tensor, name: str, qparams: tuple
 ) -> fx.Node:
-    """``values`` (one per channel along ``axis`` of ``x``) as a constant shaped to broadcast."""
+    """``quantize_per_tensor(x * factor, s, z, q_min, q_max)``, ``factor`` one value per channel
+    along ``axis`` of ``x`` (a constant ``name`` shaped to broadcast)."""
     rank = len(x.meta["tensor_meta"].shape)
     shape = [1] * rank
     shape[axis % rank] = -1
-    return add_constant(gm, name, values.reshape(shape).contiguous())
+    factor_node = add_constant(gm, name, factor.reshape(shape).contiguous())
+    scaled = gm.graph.call_function(torch.mul, (x, factor_node))
+    return gm.graph.call_function(_qd.quantize_per_tensor.default, (scaled, *qparams, torch.uint8))
 
 
 def _constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     if node.op != "get_attr":
         raise ConvertError(f"expected a constant (get_attr) at node '{node.name}'")
-    parent, _, leaf = node.target.rpartition(".")
-    return getattr(gm.get_submodule(parent), leaf)
+    return gm.get_buffer(node.target)

@@ -19,14 +19,13 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
-from torch.ao.quantization import QConfigMapping
+from torch.ao.quantization import QConfig, QConfigMapping
 from tqdm.auto import tqdm
 
 from dmq_fx.errors import ConfigError
 from dmq_fx.graph.model_identity import unet_paths
 from dmq_fx.quantize.qconfig import (
     check_bits,
-    get_default_qconfig,
     get_default_qconfig_mapping,
     qconfig_for_module,
     weight_observer,
@@ -139,7 +138,8 @@ def mixed_precision_mapping(
     mapping: QConfigMapping | None = None,
     progress: bool = True,
 ) -> MixedPrecision:
-    """``mapping`` (default: dmq_fx's at ``weight_bits`` / ``act_bits``) with 8-bit weights for
+    """``mapping`` (default: dmq_fx's at ``weight_bits`` / ``act_bits``) with 8-bit weights (and
+    each layer's own activation quantizer) for
     the layers whose low-bit weights add most output error per extra weight bit
     (:func:`weight_sensitivity`: noise energy over parameter count, a greedy knapsack), while
     the average weight width over the quantized layers stays at most ``budget_bits``."""
@@ -165,7 +165,8 @@ def mixed_precision_mapping(
         bits += extra
         chosen.append(name)
     out = type(base).from_dict(base.to_dict())
-    eight = get_default_qconfig(8, act_bits)
-    for name in chosen:
-        out.set_module_name(name, eight)
+    full = with_float_roles(base, unet_paths(model))
+    for name in chosen:  # the layer's own activation quantizer, 8-bit weights
+        own = qconfig_for_module(full, name, type(layers[name]))
+        out.set_module_name(name, QConfig(activation=own.activation, weight=weight_observer(8)))
     return MixedPrecision(out, tuple(chosen), bits / total, sensitivity)

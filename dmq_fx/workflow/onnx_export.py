@@ -74,9 +74,8 @@ def export_onnx(
         raise ConfigError(
             f"export_onnx: opset {opset}; torch.onnx's translations need opset {MIN_OPSET} or later"
         )
-    kwargs = dict(example_kwargs or {})
     args = tuple(_as_tensor(a) for a in example_args)
-    kwargs = {k: _as_tensor(v) for k, v in kwargs.items()}
+    kwargs = {k: _as_tensor(v) for k, v in (example_kwargs or {}).items()}
     graph = export_form(quantized, centered_weights=weights == "int8")
     dynamic_shapes = _batch_dynamic_shapes(graph, args, kwargs) if dynamic_batch else None
     path = Path(path)
