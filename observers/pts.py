@@ -123,8 +123,12 @@ class PowerOfTwoVotingObserver(MovingAverageMinMaxObserver):
         )
         channels = errors.shape[1]
         if self.votes.shape[0] != channels:
-            self.votes = torch.zeros(channels, self.max_shift + 1, dtype=torch.long)
-            self.summed_errors = torch.zeros(channels, self.max_shift + 1, dtype=torch.float64)
+            self.votes = torch.zeros(
+                channels, self.max_shift + 1, dtype=torch.long, device=errors.device
+            )
+            self.summed_errors = torch.zeros(
+                channels, self.max_shift + 1, dtype=torch.float64, device=errors.device
+            )
         choice = _argmin_prefer_coarse(errors)  # (samples, channels)
         self.votes += torch.nn.functional.one_hot(choice, self.max_shift + 1).sum(0)
         self.summed_errors += errors.double().sum(0)
@@ -133,7 +137,7 @@ class PowerOfTwoVotingObserver(MovingAverageMinMaxObserver):
     def channel_factors(self, channels: int) -> torch.Tensor:
         """``2^(j_c - max_shift)`` per channel (ones before any vote)."""
         if self.exponents.numel() == 0:
-            return torch.ones(channels)
+            return torch.ones(channels, device=self.exponents.device)
         return 2.0 ** (self.exponents.float() - self.max_shift)
 
     def extra_repr(self) -> str:

@@ -83,7 +83,7 @@ class GroupedWeightFakeQuantize(torch.nn.Module):
         packed = getattr(self, f"rounding_{group}")
         if packed is None:
             return None
-        return unpack_bits(packed, getattr(self, f"rounding_shape_{group}").tolist())
+        return unpack_bits(packed, getattr(self, f"rounding_shape_{group}").cpu().tolist())
 
     def set_rounding(self, group: int, round_up: torch.Tensor | None) -> None:
         """Fix ``group``'s rounding to ``round_up`` (bool, or 0 / 1 per weight), or back to
@@ -91,14 +91,17 @@ class GroupedWeightFakeQuantize(torch.nn.Module):
         packed = shape = None
         if round_up is not None:
             packed = pack_bits(round_up)
-            shape = torch.tensor(round_up.shape, dtype=torch.int64)
+            shape = torch.tensor(round_up.shape, dtype=torch.int64).to(round_up.device)
         setattr(self, f"rounding_{group}", packed)
         setattr(self, f"rounding_shape_{group}", shape)
 
     def _quantize(self, group: int, fq: FakeQuantizeBase, part: torch.Tensor) -> torch.Tensor:
-        if not bool(fq.fake_quant_enabled[0]):  # float forward: no rounding to unpack
+        if self.soft_rounding is not None:  # learning (quantizing): no flag read per step
+            up = self.soft_rounding[group]
+        elif not bool(fq.fake_quant_enabled[0]):  # float forward: no rounding to unpack
             return fq(part)
-        up = self.soft_rounding[group] if self.soft_rounding is not None else self.rounding(group)
+        else:
+            up = self.rounding(group)
         if up is None:
             return fq(part)
         scale = _per_channel(fq.scale.detach().float(), part)

@@ -35,6 +35,7 @@ from dmq_fx.passes import (
     weight_before_quantization,
     weight_quantizer,
 )
+from dmq_fx.quantize.device import host_copy, module_device
 from dmq_fx.quantize.state import learned_state, saved_settings
 
 __all__ = [
@@ -444,8 +445,20 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
     int8 weights on onednn's integer kernels with float32 outputs. On CPUs without VNNI / AMX a
     layer whose int16 pair sums could saturate is lowered in the reference form instead (exact,
     not faster); :func:`dmq_fx.summary` shows each layer's form. ``prepared`` is not modified.
+
+    A graph on another device (``prepared.to("cuda")``) converts with ``backend="reference"``:
+    the lowering runs on a CPU copy and the converted graph is put on the graph's device.
     """
     _check_convertible(prepared, backend)
+    device = module_device(prepared)
+    if device.type != "cpu":
+        if backend != "reference":
+            raise ConvertError(
+                f"backend {backend!r} runs onednn's CPU kernels and the graph is on {device}: "
+                f"convert with backend='reference' to run on {device.type}, or move the graph "
+                "to the CPU first (prepared.cpu())"
+            )
+        return convert_fx(host_copy(prepared), backend).to(device)
     record = graph_state(prepared)
     try:
         settings, settings_error = saved_settings(prepared), None

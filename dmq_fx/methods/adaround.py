@@ -35,6 +35,7 @@ from dmq_fx.graph.units import (
 from dmq_fx.passes import weight_before_quantization, weight_quantizer
 from dmq_fx.quantize import distributed
 from dmq_fx.quantize.modes import (
+    fix_quantizer_modes,
     set_quantizer_mode,
     weight_quantizers,
 )
@@ -303,9 +304,10 @@ class AdaRound(BlockReconstructionOptions):
         kept = list(targets)
         rounding = RoundingVariables.start(gm, unit.layers)
         generator = torch.Generator().manual_seed(seed)
-        last = math.nan
+        last = torch.tensor(math.nan)  # read once at the end: no host sync per iteration
         try:
             if rounding.parameters() and self.iterations:
+                fix_quantizer_modes(sub)
                 opt = torch.optim.Adam(rounding.parameters(), lr=self.lr)
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.iterations)
                 for it in range(self.iterations):
@@ -322,10 +324,10 @@ class AdaRound(BlockReconstructionOptions):
                     distributed.average_gradients(rounding.parameters())
                     opt.step()
                     sched.step()
-                    last = float(rec.detach())
+                    last = rec.detach()
         finally:  # an interrupted unit keeps round-to-nearest
             rounding.release()
             for fq in rounding.fake_quants():  # AdaRound learns the next units on float inputs
                 fq.disable_fake_quant()
         rounding.finish()
-        return last
+        return float(last)

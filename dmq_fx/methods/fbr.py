@@ -48,6 +48,7 @@ from dmq_fx.methods.adaround import (
 from dmq_fx.observers import PowerOfTwoFakeQuantize
 from dmq_fx.quantize import distributed
 from dmq_fx.quantize.modes import (
+    fix_quantizer_modes,
     input_quantizers,
     layer_input_quantizer_names,
     layer_quantizers,
@@ -85,7 +86,8 @@ def mix_inputs(
     out = []
     for a, b in zip(fp, quantized):
         if isinstance(a, torch.Tensor) and a.is_floating_point() and a.shape == b.shape:
-            keep = torch.rand(a.shape, generator=generator) < fp_share
+            # drawn on the host (the same mask on every device), moved as one bool tensor
+            keep = (torch.rand(a.shape, generator=generator) < fp_share).to(a.device)
             out.append(torch.where(keep, a, b))
         else:
             out.append(a)
@@ -211,12 +213,13 @@ class FBR(BlockReconstructionOptions):
         rounding = RoundingVariables.start(gm, unit.layers)
         learned = self._install_steps(gm, sub, names)
         generator = torch.Generator().manual_seed(seed)
-        last = math.nan
+        last = torch.tensor(math.nan)  # read once at the end: no host sync per iteration
         try:
             params = [{"params": rounding.parameters(), "lr": self.lr}]
             if learned:
                 params.append({"params": [m.step for m in learned], "lr": self.step_lr})
             if (rounding.parameters() or learned) and self.iterations:
+                fix_quantizer_modes(sub)
                 opt = torch.optim.Adam(params)
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.iterations)
                 for it in range(self.iterations):
@@ -234,7 +237,7 @@ class FBR(BlockReconstructionOptions):
         for module in learned:
             module.write_back()
         _quantize_unit(gm, unit)
-        return last
+        return float(last)
 
     def _step(self, sub, x_fp, x_q, targets, out_idx, layer_idx, rounding, it, generator):
         n = min(self.batch_size, len(x_fp))
@@ -252,7 +255,7 @@ class FBR(BlockReconstructionOptions):
         loss = rec
         if self.reg_weight and it >= self.warmup * self.iterations:
             loss = rec + self.reg_weight * rounding.regularizer(self.beta(it))
-        return loss, float(rec.detach())
+        return loss, rec.detach()
 
     @staticmethod
     def _install_steps(

@@ -61,9 +61,10 @@ def adaptive_timestep_weights(running_loss: torch.Tensor, r: float = 20.0) -> to
     give 0.668, 0.358, 0.122, 0.0115 at r = 20.
     """
     total = running_loss.sum()
-    if total <= 0:
-        return torch.ones_like(running_loss)
-    return (1 - running_loss / total).clamp_min(0) ** r
+    # chosen on the device (a branch on ``total`` would be a host sync per iteration)
+    shares = running_loss / torch.where(total > 0, total, torch.ones_like(total))
+    weights = (1 - shares).clamp_min(0) ** r
+    return torch.where(total > 0, weights, torch.ones_like(weights))
 
 
 def batch_timesteps(gm: fx.GraphModule, args: tuple, kwargs: dict) -> torch.Tensor | None:
@@ -307,14 +308,14 @@ class LearnLES:
                 for layer in layers
             ]
         if t_all is None:
-            t_all = torch.zeros(len(x_all), dtype=torch.long)
+            t_all = torch.zeros(len(x_all), dtype=torch.long, device=x_all.device)
         grid, t_index = torch.unique(t_all, return_inverse=True)  # the data's own timestep grid
-        running = torch.zeros(len(grid), dtype=torch.float64)
+        running = torch.zeros(len(grid), dtype=torch.float64, device=grid.device)
         g = torch.Generator().manual_seed(seed)
         les.tau.requires_grad_(True)
         opt = torch.optim.Adam([les.tau], lr=self.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(self.iterations, 1))
-        last = math.nan
+        last = torch.tensor(math.nan)  # read once at the end: no host sync per iteration
         for _ in range(self.iterations):
             idx = torch.randint(len(x_all), (min(self.batch_size, len(x_all)),), generator=g)
             x = x_all[idx]
@@ -341,9 +342,9 @@ class LearnLES:
             sched.step()
             with torch.no_grad():
                 les.tau.clamp_(min=1e-4)
-            last = float(rec.detach().mean())
+            last = rec.detach().mean()
         les.tau.requires_grad_(False)
-        return last
+        return float(last)
 
 
 @dataclasses.dataclass

@@ -16,15 +16,18 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Literal
 
+import torch
 from torch import fx
-from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+from torch.ao.quantization.fake_quantize import FakeQuantize, FakeQuantizeBase
 
 from dmq_fx.errors import ConfigError
 from dmq_fx.graph.meta import ANNOTATION_KEY, quantized_layer_nodes
 from dmq_fx.passes import input_quantizer_name, weight_quantizer
 
 __all__ = [
+    "FixedModeQuantizer",
     "MODES",
+    "fix_quantizer_modes",
     "Mode",
     "input_quantizers",
     "layer_input_quantizer_names",
@@ -113,3 +116,47 @@ def quantizer_mode(
         for q, (quantizing, observing) in zip(quantizers, saved):
             q.enable_fake_quant(quantizing)
             q.enable_observer(observing)
+
+
+class FixedModeQuantizer(torch.nn.Module):
+    """A quantizer in the mode it was in when wrapped, the flags read once.
+
+    torch.ao's ``FakeQuantize.forward`` reads its mode flags from its buffers on every call: on
+    an accelerator that is a host sync per quantizer per forward. A learning loop runs the unit
+    graph hundreds of times in one mode, so it runs these stand-ins: pass-through when the
+    quantizer was off, torch.ao's own fake-quant function on its qparams when it simulated
+    (the same op ``FakeQuantize.forward`` calls); any other quantizer (observing, or a dmq_fx
+    PTS / table quantizer) is called as it is.
+    """
+
+    def __init__(self, quantizer: FakeQuantizeBase):
+        super().__init__()
+        self.quantizer = quantizer
+        self.observing = bool(quantizer.observer_enabled[0])
+        self.quantizing = bool(quantizer.fake_quant_enabled[0])
+        self.plain = type(quantizer) is FakeQuantize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantizer
+        if self.observing or (self.quantizing and not self.plain):
+            return q(x)
+        if not self.quantizing:
+            return x
+        if q.is_per_channel:
+            return torch.fake_quantize_per_channel_affine(
+                x, q.scale, q.zero_point, q.ch_axis, q.quant_min, q.quant_max
+            )
+        return torch.fake_quantize_per_tensor_affine(
+            x, q.scale, q.zero_point, q.quant_min, q.quant_max
+        )
+
+
+def fix_quantizer_modes(unit: fx.GraphModule) -> None:
+    """Replace each quantizer a unit graph (``dmq_fx.graph.units.unit_graph``) calls by a
+    :class:`FixedModeQuantizer` of its current mode; the unit graph's parents are its own, so
+    the graph it was cut from keeps its quantizers."""
+    for node in unit.graph.nodes:
+        if node.op == "call_module":
+            module = unit.get_submodule(node.target)
+            if isinstance(module, FakeQuantizeBase):
+                unit.set_submodule(node.target, FixedModeQuantizer(module))

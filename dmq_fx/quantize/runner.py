@@ -17,6 +17,7 @@ from dmq_fx.errors import CalibrationError
 from dmq_fx.graph.meta import graph_state
 from dmq_fx.quantize import distributed
 from dmq_fx.quantize.checkpoint import CalibrationCheckpoint
+from dmq_fx.quantize.device import batches_to_device, module_device
 from dmq_fx.quantize.modes import set_quantizer_mode
 from dmq_fx.quantize.stage import CalibrationContext, Stage, normalize_batch
 
@@ -45,11 +46,14 @@ def run_stages(
     group: Any = None,
 ) -> fx.GraphModule:
     """Run ``stages`` in order on ``prepared`` (calibrated in place), each called with one
-    :class:`CalibrationContext`; then every quantizer simulates and the graph is calibrated."""
+    :class:`CalibrationContext`; then every quantizer simulates and the graph is calibrated.
+
+    The batches are moved to the graph's device once, before the first stage."""
     check_calibratable(prepared)
     batches = [normalize_batch(item, i) for i, item in enumerate(data)]
     if not batches:
         raise CalibrationError("calibrate() got no calibration batches")
+    batches = batches_to_device(batches, module_device(prepared))
     with distributed.use_group(group):
         checkpoint = None
         if checkpoint_dir is not None:

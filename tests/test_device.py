@@ -1,0 +1,176 @@
+"""Calibration, simulation and the reference form on the device the model is on.
+
+Parametrized by device: the virtual accelerator of ``virtual_device`` (an op that mixes device
+and host tensors fails, host reads are counted) and CUDA where one is present, each compared
+with the same calibration on the CPU.
+"""
+
+import contextlib
+
+import pytest
+import torch
+import virtual_device
+from conftest import calibration_data
+from virtual_device import DeviceMismatch, module_to_virtual, on_virtual_device
+
+import dmq_fx
+from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
+from dmq_fx.metrics import sqnr_db
+
+DEVICES = ["cpu", "virtual"] + (["cuda"] if torch.cuda.is_available() else [])
+
+#: the learned stages at a test budget
+CHEAP = {
+    "learn_les": dmq_fx.LearnLES(iterations=6, max_samples=8),
+    "adaround": dmq_fx.AdaRound(iterations=6, max_samples=8),
+    "fbr": dmq_fx.FBR(iterations=6, max_samples=8),
+}
+
+
+@contextlib.contextmanager
+def device_context(device: str):
+    if device == "virtual":
+        with on_virtual_device() as counter:
+            yield counter
+    else:
+        yield None
+
+
+def to_device(module: torch.nn.Module, device: str) -> torch.nn.Module:
+    return module_to_virtual(module) if device == "virtual" else module.to(device)
+
+
+def tensors_to(value, device: str):
+    target = virtual_device.DEVICE if device == "virtual" else torch.device(device)
+    if isinstance(value, dict):
+        return {k: tensors_to(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(tensors_to(v, device) for v in value)
+    return value.to(target) if isinstance(value, torch.Tensor) else value
+
+
+def host(t: torch.Tensor) -> torch.Tensor:
+    return t.inner.clone() if isinstance(t, virtual_device.VirtualTensor) else t.cpu()
+
+
+def calibrated_on(device, model, preset, **prepare):
+    """``preset`` calibrated with the graph on ``device`` (CPU data), and its outputs (simulated
+    and reference form) on a fixed batch, brought to the host."""
+    args, kwargs = example_inputs(model, batch=4)
+    flags = {**dmq_fx.PREPARE_FLAGS[preset], **prepare}
+    prepared = dmq_fx.prepare_fx(
+        model, dmq_fx.get_default_qconfig_mapping(4, 8), args, kwargs, **flags
+    )
+    stages = [CHEAP.get(s, s) for s in dmq_fx.PRESETS[preset].stages]
+    test_args, test_kwargs = example_inputs(model, batch=2, seed=7)
+    test_args = (test_args[0], test_args[1][:1].expand(2))  # one timestep: a table entry
+    with device_context(device):
+        to_device(prepared, device)
+        dmq_fx.calibrate(prepared, calibration_data(model), stages, progress=False)
+        places = {t.device for t in (*prepared.parameters(), *prepared.buffers())}
+        test_args, test_kwargs = tensors_to(test_args, device), tensors_to(test_kwargs, device)
+        simulated = prepared(*test_args, **test_kwargs).sample
+        reference = dmq_fx.convert_fx(prepared, "reference")
+        lowered = reference(*test_args, **test_kwargs).sample
+        places |= {t.device for t in (*reference.parameters(), *reference.buffers())}
+        places |= {simulated.device, lowered.device}
+    return places, host(simulated), host(lowered)
+
+
+@pytest.mark.parametrize(
+    "config,preset,prepare",
+    [
+        (TINY_DDPM, "dmq", {}),
+        (TINY_DDPM, "dmq+eda", {}),
+        (TINY_SD, "minmax", {"timestep_tables": True}),
+    ],
+    ids=["ddpm-dmq", "ddpm-dmq+eda", "sd-tables"],
+)
+@pytest.mark.parametrize("device", [d for d in DEVICES if d != "cpu"])
+def test_calibration_runs_on_the_model_device(config, preset, prepare, device):
+    model = build_unet(config)
+    places, simulated, lowered = calibrated_on(device, model, preset, **prepare)
+    assert places == {virtual_device.DEVICE if device == "virtual" else torch.device(device, 0)}
+    _, cpu_simulated, cpu_lowered = calibrated_on("cpu", model, preset, **prepare)
+    args, kwargs = example_inputs(model, batch=2, seed=7)
+    with torch.no_grad():
+        fp = model(args[0], args[1][:1].expand(2), **kwargs).sample
+    # The device's kernels round differently (its attention is not the CPU's fused kernel), and
+    # a calibration amplifies a float difference into other roundings: the two graphs agree far
+    # above their quantization error (about 15 dB on these random W4A8 UNets) and are equally
+    # good against the float model.
+    for on_device, on_cpu in ((simulated, cpu_simulated), (lowered, cpu_lowered)):
+        assert sqnr_db(on_cpu, on_device) > sqnr_db(fp, on_cpu) + 10
+        assert abs(sqnr_db(fp, on_device) - sqnr_db(fp, on_cpu)) < 0.5
+
+
+@pytest.mark.parametrize(
+    "stages,prepare",
+    [
+        (
+            lambda n: ["observe_weights", dmq_fx.LearnLES(iterations=n, max_samples=8)],
+            {"les": True},
+        ),
+        (lambda n: ["observe_weights", dmq_fx.AdaRound(iterations=n, max_samples=8)], {}),
+        (
+            lambda n: [
+                "observe_weights",
+                "observe_activations",
+                dmq_fx.FBR(iterations=n, max_samples=8),
+            ],
+            {},
+        ),
+    ],
+    ids=["learn_les", "adaround", "fbr"],
+)
+def test_learning_loops_read_nothing_back_per_iteration(stages, prepare):
+    """A host read (``.item()``, a copy to the CPU) waits for the accelerator's queue: the
+    learning loops make none per iteration, so 3 and 9 iterations read back the same count."""
+    model = build_unet(TINY_DDPM)
+    args, kwargs = example_inputs(model, batch=4)
+    reads = []
+    for iterations in (3, 9):
+        prepared = dmq_fx.prepare_fx(
+            model, dmq_fx.get_default_qconfig_mapping(4, 8), args, kwargs, **prepare
+        )
+        with on_virtual_device() as counter:
+            module_to_virtual(prepared)
+            dmq_fx.calibrate(prepared, calibration_data(model), stages(iterations), progress=False)
+            reads.append(counter.host_reads)
+    assert reads[0] == reads[1] > 0
+
+
+def test_x86_backend_refuses_a_graph_on_another_device():
+    model = build_unet(TINY_DDPM)
+    args, kwargs = example_inputs(model, batch=4)
+    prepared = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(8, 8), args, kwargs)
+    with on_virtual_device():
+        module_to_virtual(prepared)
+        dmq_fx.calibrate(prepared, calibration_data(model, n=1), "minmax", progress=False)
+        with pytest.raises(
+            dmq_fx.ConvertError,
+            match=r"backend 'x86' runs onednn's CPU kernels and the graph is on virtual:0",
+        ):
+            dmq_fx.convert_fx(prepared, "x86")
+
+
+def test_graph_split_across_devices_is_named():
+    model = build_unet(TINY_DDPM)
+    args, kwargs = example_inputs(model, batch=4)
+    prepared = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(8, 8), args, kwargs)
+    with on_virtual_device():
+        module_to_virtual(prepared.conv_in)
+        with pytest.raises(
+            dmq_fx.ConfigError,
+            match=r"more than one device: .* on (virtual:0|cpu), .* on (cpu|virtual:0)",
+        ):
+            dmq_fx.calibrate(prepared, calibration_data(model, n=1), "minmax", progress=False)
+
+
+def test_harness_catches_a_host_tensor_in_a_device_op():
+    """The check the tests above rely on: a tensor made without ``device=`` fails."""
+    with on_virtual_device():
+        x = torch.ones(3).to(virtual_device.DEVICE)
+        with pytest.raises(DeviceMismatch, match="aten.mul.Tensor"):
+            x * torch.ones(3)
+        assert torch.equal(host(x * torch.tensor(2.0)), torch.full((3,), 2.0))  # 0-dim: allowed
