@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -148,3 +150,26 @@ def test_collected_data_calibrates_a_prepared_unet(ddpm, collected):
     scale, zero_point = observer.calculate_qparams()
     assert float(fq.scale) == pytest.approx(float(scale), rel=1e-6)
     assert int(fq.zero_point) == int(zero_point)
+
+
+def test_collector_runs_a_bf16_unet_in_its_dtype(ddpm, collected):
+    """A bf16 UNet is fed bf16 inputs (the scheduler keeps float32 latents): the records follow
+    the float32 run within bf16's rounding, and hold no autograd history."""
+    half = collect_calibration_data(
+        copy.deepcopy(ddpm).to(torch.bfloat16),
+        ddim(),
+        num_inference_steps=STEPS,
+        samples_per_step=PER_STEP,
+        batch_size=4,
+        seed=3,
+        progress=False,
+    )
+    assert half.sample.dtype == torch.bfloat16 and not half.sample.requires_grad
+    assert not collected.sample.requires_grad
+    assert torch.equal(half.timestep, collected.timestep)
+    first = collected.step_index == 0  # the initial noise, rounded to bf16
+    torch.testing.assert_close(
+        half.sample[first].float(), collected.sample[first], atol=0.02, rtol=0.01
+    )
+    err = (half.sample.float() - collected.sample).abs().max().item()
+    assert 0 < err < 0.2

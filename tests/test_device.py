@@ -6,16 +6,19 @@ with the same calibration on the CPU.
 """
 
 import contextlib
+import copy
 
 import pytest
 import torch
 import virtual_device
 from conftest import calibration_data
+from diffusers import DDIMScheduler
 from virtual_device import DeviceMismatch, module_to_virtual, on_virtual_device
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
 from dmq_fx.metrics import sqnr_db
+from dmq_fx.workflow.calibration_data import collect_calibration_data, step_features
 
 DEVICES = ["cpu", "virtual"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -174,3 +177,41 @@ def test_harness_catches_a_host_tensor_in_a_device_op():
         with pytest.raises(DeviceMismatch, match="aten.mul.Tensor"):
             x * torch.ones(3)
         assert torch.equal(host(x * torch.tensor(2.0)), torch.full((3,), 2.0))  # 0-dim: allowed
+
+
+def test_sampler_data_is_collected_on_the_model_device():
+    """The sampler runs where the UNet is (guided, text-conditional) and records the same
+    trajectories as on the CPU, returned on the CPU; TDAC's step features likewise."""
+    model = build_unet(TINY_SD)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randn(2, 4, TINY_SD["cross_attention_dim"], generator=g)
+    empty = torch.zeros(1, 4, TINY_SD["cross_attention_dim"])
+    sampler = dict(
+        num_inference_steps=3,
+        samples_per_step=3,
+        prompt_embeds=prompts,
+        negative_prompt_embeds=empty,
+        guidance_scale=4.0,
+        independent_trajectories=False,
+        batch_size=2,
+        seed=5,
+        progress=False,
+    )
+    on_cpu = collect_calibration_data(model, DDIMScheduler(), **sampler)
+    rows_cpu, features_cpu = step_features(model, on_cpu, progress=False)
+    with on_virtual_device() as counter:
+        unet = module_to_virtual(copy.deepcopy(model))
+        on_device = collect_calibration_data(unet, DDIMScheduler(), **sampler)
+        rows, features = step_features(unet, on_cpu, progress=False)
+        assert counter.host_reads > 0  # the records and features come back
+    assert next(model.parameters()).device.type == "cpu"  # the user's model stays
+    for name in ("timestep", "step_index", "unconditional", "trajectory"):
+        assert torch.equal(getattr(on_device, name), getattr(on_cpu, name)), name
+    for name in ("sample", "encoder_hidden_states"):
+        value = getattr(on_device, name)
+        assert value.device.type == "cpu" and type(value) is torch.Tensor, name
+        torch.testing.assert_close(value, getattr(on_cpu, name), atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(a, b) for a, b in zip(rows, rows_cpu))
+    for a, b in zip(features, features_cpu):
+        assert type(a) is torch.Tensor
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dmq_fx.errors import CalibrationError, ConfigError
+from dmq_fx.quantize.device import batches_to_device, module_device
 
 __all__ = [
     "CalibrationData",
@@ -262,6 +263,7 @@ def guided_eps(
     return eps_u + guidance_scale * (eps_c - eps_u)
 
 
+@torch.no_grad()
 def collect_calibration_data(
     unet: torch.nn.Module,
     scheduler: Any = None,
@@ -296,6 +298,10 @@ def collect_calibration_data(
             trajectories run up to step ``k`` (``k + 1`` UNet calls per sample); if False one set
             of trajectories provides every step (cheaper, correlated across steps).
         seed: everything random derives from it.
+
+    The sampler runs on the UNet's device in the UNet's dtype (noise and labels are drawn on
+    the CPU from the seed, so every device records the same trajectories up to its rounding;
+    the scheduler's arithmetic stays float32); the records come back to the CPU.
     """
     config = getattr(unet, "config", None)
     built_by_pipeline = [
@@ -315,6 +321,12 @@ def collect_calibration_data(
     if guided and (prompt_embeds is None or negative_prompt_embeds is None):
         raise ConfigError("guidance_scale > 1 needs prompt_embeds and negative_prompt_embeds")
     unet = copy.deepcopy(unet).eval()
+    device = module_device(unet)
+    dtype = next(unet.parameters()).dtype
+    if prompt_embeds is not None:
+        prompt_embeds = prompt_embeds.to(device, dtype)
+    if negative_prompt_embeds is not None:
+        negative_prompt_embeds = negative_prompt_embeds.to(device, dtype)
     scheduler = copy.deepcopy(scheduler) if scheduler is not None else DDIMScheduler()
     cfg = unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
@@ -331,16 +343,18 @@ def collect_calibration_data(
             g = torch.Generator().manual_seed(seed * 1_000_003 + k * 10_007 + start)
             sched = copy.deepcopy(scheduler)
             sched.set_timesteps(num_inference_steps)
-            x = torch.randn(n, *shape, generator=g) * sched.init_noise_sigma
+            x = (torch.randn(n, *shape, generator=g) * sched.init_noise_sigma).to(device)
             cond: dict[str, torch.Tensor] = {}
             if prompt_embeds is not None:
                 idx = (torch.arange(start, start + n) + k) % prompt_embeds.shape[0]
-                cond["encoder_hidden_states"] = prompt_embeds[idx]
+                cond["encoder_hidden_states"] = prompt_embeds[idx.to(device)]
             if num_class_labels:
-                cond["class_labels"] = torch.randint(0, num_class_labels, (n,), generator=g)
+                labels = torch.randint(0, num_class_labels, (n,), generator=g)
+                cond["class_labels"] = labels.to(device)
             for j, t in enumerate(sched.timesteps[: k + 1]):
-                model_in = sched.scale_model_input(x, t)
-                t_batch = torch.full((n,), int(t), dtype=torch.long)
+                # the UNet computes in its dtype; the scheduler keeps float32 latents
+                model_in = sched.scale_model_input(x, t).to(dtype)
+                t_batch = torch.full((n,), int(t), dtype=torch.long, device=device)
                 if guided:
                     eps = guided_eps(
                         unet,
@@ -352,13 +366,14 @@ def collect_calibration_data(
                     )
                 else:
                     eps = unet(model_in, t_batch, **cond).sample
+                eps = eps.float()
                 if j == k or not independent_trajectories:  # a group records its last step
                     first = start + (k * samples_per_step if independent_trajectories else 0)
                     rec = {
                         "sample": model_in.clone(),
                         "timestep": t_batch,
-                        "step_index": torch.full((n,), j, dtype=torch.long),
-                        "trajectory": torch.arange(first, first + n),
+                        "step_index": torch.full((n,), j, dtype=torch.long, device=device),
+                        "trajectory": torch.arange(first, first + n, device=device),
                         **cond,
                     }
                     if guided:
@@ -369,8 +384,8 @@ def collect_calibration_data(
                                 cond["encoder_hidden_states"],
                             ]
                         )
-                        rec["unconditional"] = torch.arange(2 * n) < n
-                    records.append(rec)
+                        rec["unconditional"] = torch.arange(2 * n, device=device) < n
+                    records.append({key: v.cpu() for key, v in rec.items()})
                 step_kwargs = {}
                 if _accepts(sched.step, "eta"):
                     step_kwargs["eta"] = eta
@@ -411,14 +426,15 @@ def step_features(
         key = pool.trajectory[idx] * 2 + (1 - half)
         rows.append(idx[torch.argsort(key)])
     args, kwargs = next(pool.subset(rows[0][:2]).batches(2, shuffle=False))
-    gm = trace(unet, args, kwargs, check=False)
+    device = module_device(unet)
+    gm = trace(unet, *batches_to_device([(args, kwargs)], device)[0], check=False)
     node = mid_attention_input(gm)
     features = []
     for idx in tqdm(rows, desc="TDAC features", disable=not progress):
         per = len(idx) // trajectories  # rows per trajectory: 2 under guidance
         keep = idx if feature_samples is None else idx[: feature_samples * per]
-        batches = list(pool.subset(keep).batches(64, shuffle=False))
-        features.append(capture_unit_inputs(gm, [node], batches, None).values[0])
+        batches = batches_to_device(list(pool.subset(keep).batches(64, shuffle=False)), device)
+        features.append(capture_unit_inputs(gm, [node], batches, None).values[0].cpu())
     return rows, features
 
 
