@@ -22,45 +22,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import threading
-import time
 
 import torch
+from dmq_fx_bench.resources import PeakRSS
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import DDPM_CIFAR10, SD15, build_unet, example_inputs
 
 CONFIGS = {"ddpm-cifar10": DDPM_CIFAR10, "sd15": SD15}
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-class PeakRSS:
-    """Context manager: the peak VmRSS (MiB) while its block runs, sampled every 20 ms."""
-
-    def __enter__(self) -> PeakRSS:
-        self.peak = rss_mib()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        self.start = time.perf_counter()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, rss_mib())
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self.start
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mib())
 
 
 def main() -> None:
