@@ -6,8 +6,12 @@
 Each UNet is prepared with the DMQ structure (LES, PTS on the skip layers) at W4A8, calibrated
 on two random batches (the size does not depend on the calibration), converted (x86) and saved
 with ``dmq_fx.save(..., standalone=True)``; its float weights are saved with safetensors in
-fp32. ``--sd15`` adds the Stable Diffusion 1.5 UNet config with random weights (3.4 GB of fp32
-weights: needs that much free disk and a few minutes). The last line printed is JSON.
+fp32. The file is then loaded back without the float model (``dmq_fx.load(path)``, timed; its
+output is checked ``torch.equal`` to the saved graph's), and building the model from its config
+is timed both ways: ``from_config`` (random initialization) and as ``load`` builds it (on the
+meta device, then zero-filled CPU storage). ``--sd15`` adds the Stable Diffusion 1.5 UNet
+config with random weights (3.4 GB of fp32 weights: needs that much free disk and a few
+minutes). The last line printed is JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +27,7 @@ from safetensors.torch import save_file
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import SD15, build_unet, example_inputs
+from dmq_fx.workflow.serialization import _model_from_config
 
 STAGES = ["smoothquant", "observe_activations", "vote_pts", "observe_weights"]
 
@@ -48,8 +54,25 @@ def measure(name: str, folder: Path) -> dict:
     save_file({k: v.float().contiguous() for k, v in unet.state_dict().items()}, folder / "fp.st")
     fp32 = (folder / "fp.st").stat().st_size
     (folder / "fp.st").unlink()
+    start = time.perf_counter()
+    loaded = dmq_fx.load(folder / f"{name}.safetensors")
+    load_s = time.perf_counter() - start
+    with torch.no_grad():
+        same = torch.equal(loaded(*data[1]).sample, converted(*data[1]).sample)
+    if not same:
+        raise SystemExit(f"{name}: the loaded graph does not compute what the saved one did")
+    config = {"model_class": f"{type(unet).__module__}.{type(unet).__qualname__}",
+              "model_config": dict(unet.config)}  # fmt: skip
+    start = time.perf_counter()
+    type(unet).from_config(unet.config)
+    random_init_s = time.perf_counter() - start
+    start = time.perf_counter()
+    _model_from_config(config, name)
+    zero_build_s = time.perf_counter() - start
     row = {"model": name, "bits": "w4a8", "fp32_bytes": fp32, "standalone_bytes": quantized,
-           "ratio": round(quantized / fp32, 3)}  # fmt: skip
+           "ratio": round(quantized / fp32, 3), "load_s": round(load_s, 2),
+           "build_random_init_s": round(random_init_s, 2),
+           "build_as_load_does_s": round(zero_build_s, 2)}  # fmt: skip
     print(row, flush=True)
     return row
 

@@ -11,7 +11,8 @@ calibrate on ``--samples`` random inputs (batches of 4; learned stages capped at
 differ from the others only in their learning rates here). Then run the simulated graph and
 ``convert_fx(prepared, "reference")`` on the same device on a fixed test batch and compare both
 with the float model (SQNR, dB). Reported per row: the calibration's wall time and peak memory
-(``torch.cuda.max_memory_allocated`` on CUDA, the process's peak resident set on the CPU), and the
+(``torch.cuda.max_memory_allocated`` on CUDA, the process's peak resident set on the CPU, which
+only grows from row to row; ``start_mib`` is the same measure when calibration started), and the
 reference form's median forward time (5 calls after a warm-up).
 
 The SD 1.5 config (860 M parameters) runs by default on CUDA and with ``--sd15`` on the CPU
@@ -110,6 +111,7 @@ def check(config: str, preset: str, args: argparse.Namespace) -> dict:
         "dtype": args.dtype,
         "calibrate_s": round(meter.seconds, 2),
         "peak_mib": round(meter.peak),
+        "start_mib": round(meter.base),
         "memory": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
         "reference_ms": round(1000 * statistics.median(times[1:]), 1),
         "simulated_sqnr_db": round(sqnr_db(fp.cpu(), simulated.cpu()), 2),

@@ -9,6 +9,7 @@ import contextlib
 import copy
 
 import pytest
+import tiny_pipelines
 import torch
 import virtual_device
 from conftest import calibration_data
@@ -215,3 +216,36 @@ def test_sampler_data_is_collected_on_the_model_device():
     for a, b in zip(features, features_cpu):
         assert type(a) is torch.Tensor
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_a_pipeline_on_the_device_quantizes_there(tmp_path):
+    """quantize_pipeline on a text pipeline whose modules are on the device: prompts encoded,
+    sampled, traced, calibrated and converted (reference form) there, agreeing with the same
+    pipeline quantized on the CPU; the x86 backend is refused before any calibration."""
+    pipe = tiny_pipelines._sd(
+        tmp_path, build_unet(TINY_SD), DDIMScheduler(steps_offset=1, clip_sample=False)
+    )
+    config = {"preset": "minmax", "backend": "reference", "num_inference_steps": 2,
+              "samples_per_step": 2, "batch_size": 4}  # fmt: skip
+    calibration = {"prompts": ["a cat", "a dog"], "guidance_scale": 4.0}
+    on_cpu = dmq_fx.quantize_pipeline(pipe, config, calibration, progress=False)
+    args, kwargs = example_inputs(pipe.unet, batch=2, seed=3)
+    with torch.no_grad():
+        fp = pipe.unet(*args, **kwargs).sample
+        expected = on_cpu.unet(*args, **kwargs).sample
+    with on_virtual_device() as counter:
+        for name in ("unet", "vae", "text_encoder"):
+            module_to_virtual(getattr(pipe, name))
+        with pytest.raises(dmq_fx.ConfigError, match=r"UNet is on virtual:0 and backend 'x86'"):
+            dmq_fx.quantize_pipeline(pipe, {**config, "backend": "x86"}, calibration)
+        assert counter.host_reads == 0  # refused before encoding or sampling anything
+        quantized = dmq_fx.quantize_pipeline(pipe, config, calibration, progress=False)
+        graph = quantized.unet.graph
+        assert {t.device for t in (*graph.parameters(), *graph.buffers())} == {
+            virtual_device.DEVICE
+        }
+        with torch.no_grad():
+            out = host(
+                quantized.unet(*tensors_to(args, "virtual"), **tensors_to(kwargs, "virtual")).sample
+            )
+    assert sqnr_db(expected, out) > sqnr_db(fp, expected) + 10

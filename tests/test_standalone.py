@@ -6,11 +6,14 @@ import functools
 import pytest
 import torch
 from conftest import calibration_data
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 from safetensors.torch import save_file
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
 from dmq_fx.lowering.quantized_modules import QuantizedLayer
+from dmq_fx.workflow.serialization import _model_from_config
 
 
 @functools.cache
@@ -124,3 +127,31 @@ def test_a_graph_with_nested_inputs_saves_and_loads(tmp_path):
         expected = converted(*a2, **k2).sample
         assert torch.equal(dmq_fx.load(tmp_path / "standalone.st")(*a2, **k2).sample, expected)
         assert torch.equal(dmq_fx.load(tmp_path / "plain.st", model)(*a2, **k2).sample, expected)
+
+
+class Tabled(ModelMixin, ConfigMixin):
+    """A model that computes a non-persistent buffer when built (no file holds it)."""
+
+    @register_to_config
+    def __init__(self, size: int = 4):
+        super().__init__()
+        self.proj = torch.nn.Linear(size, size)
+        self.register_buffer("table", torch.arange(float(size)), persistent=False)
+
+
+def test_standalone_load_builds_the_model_without_random_initialization():
+    """The model a standalone file is loaded into is built on the meta device and zero-filled
+    (the file replaces every weight), unless it computes a table when built."""
+    model = build_unet(TINY_SD)
+    model_class = f"{type(model).__module__}.{type(model).__qualname__}"
+    config = {"model_class": model_class, "model_config": dict(model.config)}
+    built = _model_from_config(config, "f.safetensors")
+    assert type(built) is type(model) and not built.training
+    assert {k: v.shape for k, v in built.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
+    assert all(t.device.type == "cpu" and not t.any() for t in built.state_dict().values())
+    tabled = _model_from_config(
+        {"model_class": f"{__name__}.Tabled", "model_config": {"size": 3}}, "f.safetensors"
+    )
+    assert torch.equal(tabled.table, torch.arange(3.0)) and tabled.proj.weight.any()

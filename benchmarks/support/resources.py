@@ -31,11 +31,11 @@ def rss_mib() -> float:
 
 
 class PeakRSS:
-    """Context manager: the peak VmRSS (MiB) while its block runs, sampled every 20 ms, and the
-    block's wall time (``seconds``)."""
+    """Context manager: the peak VmRSS (MiB) while its block runs, sampled every 20 ms, the
+    VmRSS when it started (``base``) and the block's wall time (``seconds``)."""
 
     def __enter__(self) -> PeakRSS:
-        self.peak = rss_mib()
+        self.peak = self.base = rss_mib()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -55,7 +55,8 @@ class PeakRSS:
 
 class PeakDeviceMemory:
     """Context manager: the peak memory (MiB) torch allocated on a CUDA device while its block
-    runs (``torch.cuda.max_memory_allocated``), and the block's wall time, synchronized."""
+    runs (``torch.cuda.max_memory_allocated``), what was allocated when it started (``base``)
+    and the block's wall time, synchronized."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -63,6 +64,7 @@ class PeakDeviceMemory:
     def __enter__(self) -> PeakDeviceMemory:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
+        self.base = torch.cuda.memory_allocated(self.device) / 2**20
         self.start = time.perf_counter()
         return self
 

@@ -15,6 +15,7 @@ from dmq_fx.graph.meta import graph_state
 from dmq_fx.graph.tracing import trace
 from dmq_fx.passes import insert_les_scales, insert_quantizers
 from dmq_fx.quantize.annotate import annotate_quantization
+from dmq_fx.quantize.device import module_device
 from dmq_fx.quantize.qconfig import with_float_roles
 
 __all__ = ["prepare_fx"]
@@ -66,6 +67,7 @@ def prepare_fx(
         gm.meta = copy.deepcopy(model.meta)
     else:
         gm = trace(model, example_inputs, example_kwargs)
+    device = module_device(gm)  # a graph split across devices is refused here, named
     annotate_quantization(
         gm,
         with_float_roles(qconfig_mapping, graph_state(gm).unet_paths),
@@ -78,6 +80,7 @@ def prepare_fx(
     insert_quantizers(gm)
     if les:
         insert_les_scales(gm)
+    gm.to(device)  # quantizers and LES scales are created on the CPU; they join the model
     record = graph_state(gm)
     record.prepare_flags = {  # recorded for dmq_fx.save / load
         "split_concat_inputs": split_concat_inputs,

@@ -22,6 +22,7 @@ from dmq_fx.lowering.compile import compile as compile_graph
 from dmq_fx.lowering.convert import BACKENDS, convert_fx
 from dmq_fx.methods.mixed_precision import mixed_precision_mapping
 from dmq_fx.methods.presets import PREPARE_FLAGS, PRESETS
+from dmq_fx.quantize.device import batches_to_device, module_device
 from dmq_fx.quantize.prepare import prepare_fx
 from dmq_fx.quantize.qconfig import check_bits, get_default_qconfig_mapping
 from dmq_fx.workflow.calibrate import calibrate
@@ -217,10 +218,11 @@ def _prompt_embeddings(pipe: Any, spec: Mapping[str, Any]) -> dict[str, Any]:
             "negative_prompt_embeds in calibration= instead of prompts"
         )
     guidance = float(spec.get("guidance_scale", 7.5))
+    encoder = getattr(pipe, "text_encoder", None)
     with torch.no_grad():
         cond, uncond = pipe.encode_prompt(
             list(spec["prompts"]),
-            torch.device("cpu"),
+            module_device(encoder) if encoder is not None else torch.device("cpu"),
             1,
             guidance > 1.0,
             negative_prompt=spec.get("negative_prompt"),
@@ -287,7 +289,9 @@ def _recorded(pipe: Any, cfg: QuantizationConfig, options: Mapping[str, Any]) ->
     return recorded
 
 
-def _calibration_data(pipe: Any, cfg: QuantizationConfig, calibration: Any) -> CalibrationData:
+def _calibration_data(
+    pipe: Any, cfg: QuantizationConfig, calibration: Any, progress: bool
+) -> CalibrationData:
     if isinstance(calibration, CalibrationData):
         return calibration
     options = dict(calibration or {})
@@ -302,7 +306,9 @@ def _calibration_data(pipe: Any, cfg: QuantizationConfig, calibration: Any) -> C
             f"calibration= takes CalibrationData or a dict of {sorted(allowed | {'prompts'})}, "
             f"got {sorted(unknown)}"
         )
-    common = dict(num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, seed=cfg.seed)
+    common = dict(
+        num_inference_steps=cfg.num_inference_steps, eta=cfg.eta, seed=cfg.seed, progress=progress
+    )
     if cfg.selection == "tdac":
         return select_samples(
             pipe.unet,
@@ -352,9 +358,19 @@ def quantize_pipeline(
             raise ConfigError(f"quantize_pipeline needs a pipeline with a {name!r} component")
     if isinstance(pipe.unet, QuantizedUNet):
         raise ConfigError("the pipeline's UNet is already quantized")
-    data = _calibration_data(pipe, cfg, calibration)
-    batches = list(data.batches(cfg.batch_size, seed=cfg.seed))
-    example_args, example_kwargs = data.batches(min(8, len(data)), shuffle=False).__next__()
+    device = module_device(pipe.unet)
+    if device.type != "cpu" and cfg.backend != "reference":
+        # said before calibrating, not after: convert_fx would refuse the calibrated graph
+        raise ConfigError(
+            f"the pipeline's UNet is on {device} and backend {cfg.backend!r} runs onednn's CPU "
+            f"kernels: quantize with backend='reference' to run on {device.type}, or move the "
+            "pipeline to the CPU (pipe.to('cpu')) first"
+        )
+    data = _calibration_data(pipe, cfg, calibration, progress)
+    # the data is moved to the UNet's device once: tracing, ranking and calibration run there
+    batches = batches_to_device(list(data.batches(cfg.batch_size, seed=cfg.seed)), device)
+    example = data.batches(min(8, len(data)), shuffle=False).__next__()
+    example_args, example_kwargs = batches_to_device([example], device)[0]
     mapping = get_default_qconfig_mapping(cfg.weight_bits, cfg.act_bits)
     if cfg.mixed_precision_bits is not None:
         mapping = mixed_precision_mapping(

@@ -230,14 +230,28 @@ def load(
 
 
 def _model_from_config(config: dict, path: str) -> torch.nn.Module:
-    """The float model class of the file, built from its config (random weights: every one
-    the lowered graph uses is replaced)."""
+    """The float model class of the file, built from its config with zero weights.
+
+    Every weight the loaded graph uses is replaced by the file's, so the random initialization
+    (most of building an SD-sized UNet) is skipped: the model is built on the meta device and
+    given zero-filled CPU storage. A model that computes a non-persistent buffer when built (a
+    table the file does not hold) is built normally instead.
+    """
     import importlib
 
     module_name, _, class_name = config["model_class"].rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
-        return cls.from_config(config["model_config"]).eval()
+        with torch.device("meta"):
+            model = cls.from_config(config["model_config"])
+        if any(m._non_persistent_buffers_set for m in model.modules()):
+            model = cls.from_config(config["model_config"])
+        else:
+            model.to_empty(device="cpu")
+            with torch.no_grad():
+                for tensor in (*model.parameters(), *model.buffers()):
+                    tensor.zero_()
+        return model.eval()
     except Exception as e:  # an unknown class or a config it refuses: named
         raise LoadError(
             f"{path}: cannot build its {config['model_class']} from the recorded config ({e})"
