@@ -36,7 +36,8 @@ Levers of the 4-bit rows: "<method>-mp4.5" gives the layers where 4-bit weights 
 output noise per parameter 8-bit weights within 4.5 bits on average (dmq_fx.mixed_precision_mapping
 on two calibration batches; the effective bits are printed, and such a row is not a W4 row);
 "<method>-hist" chooses activation ranges from a histogram (activation_ranges="histogram");
-both on minmax and dmq+eda.
+both on minmax and dmq+eda. dmq+eda-relative: FBR's loss weighs each sample's error relative to
+its target's energy (relative_loss=True), so low-energy samples count by their SNR.
 Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the default run is 1000 samples, 32 per step (hours per learned method on 2 CPU
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -193,12 +195,14 @@ def _dmq_fx(
     data: str = "uniform",
     mixed_bits: float | None = None,
     activation_ranges: str = "minmax",
+    relative_loss: bool = False,
 ):
     """A dmq_fx preset on the uniform calibration set, a TDAC selection (``data="tdac"``), or
     one with a quarter of the uniform per-step count guaranteed at every step
     (``"tdac-min"``, for DMQ's per-step stages). ``mixed_bits``: automatic mixed precision, the
     most weight-sensitive layers at 8 bits within that average weight width (the effective bits
-    are printed); ``activation_ranges``: "minmax" or "histogram"."""
+    are printed); ``activation_ranges``: "minmax" or "histogram"; ``relative_loss``: AdaRound /
+    FBR weigh each sample's error relative to its target's energy."""
 
     def build(unet, bits, sets: CalibrationSets):
         if data == "uniform":
@@ -207,7 +211,12 @@ def _dmq_fx(
             calib = sets.tdac(max(1, sets.per_step // 4) if data == "tdac-min" else 0)
         wb, ab = parse_bits(bits)
         example = next(calib.batches(8, shuffle=False))
-        stages = dmq_fx.PRESETS[preset]
+        stages = [dmq_fx.STAGES[name] for name in dmq_fx.PRESETS[preset].stages]
+        if relative_loss:
+            stages = [
+                dataclasses.replace(s, relative_loss=True) if hasattr(s, "relative_loss") else s
+                for s in stages
+            ]
         mapping = dmq_fx.get_default_qconfig_mapping(wb, ab, activation_ranges)
         if mixed_bits is not None and wb < 8:
             choice = dmq_fx.mixed_precision_mapping(
@@ -346,6 +355,7 @@ METHODS: dict[str, Callable | None] = {
     "eda-dm": _dmq_fx("eda-dm", data="tdac"),
     "eda-dm-uniform": _dmq_fx("eda-dm"),
     "dmq+eda": _dmq_fx("dmq+eda", data="tdac-min"),
+    "dmq+eda-relative": _dmq_fx("dmq+eda", data="tdac-min", relative_loss=True),
     "minmax-mp4.25": _dmq_fx("minmax", mixed_bits=4.25),
     "minmax-mp4.5": _dmq_fx("minmax", mixed_bits=4.5),
     "minmax-mp5": _dmq_fx("minmax", mixed_bits=5.0),

@@ -10,7 +10,7 @@ from dmq_fx.graph.meta import quantized_layer_nodes
 from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
 from dmq_fx.graph.units import capture_unit_inputs, reconstruction_units, unit_graph
 from dmq_fx.lowering.quantized_modules import QuantizedLayer
-from dmq_fx.methods.adaround import AdaRound, _initial_v, rectified_sigmoid
+from dmq_fx.methods.adaround import AdaRound, _initial_v, output_loss, rectified_sigmoid
 from dmq_fx.quantize.modes import input_quantizers, weight_quantizers
 from dmq_fx.quantize.stage import CalibrationContext
 
@@ -175,3 +175,30 @@ def test_presets_list_adaround_after_the_weight_observation():
             stages.index("observe_weights")
             < [i for i, s in enumerate(stages) if "adaround" in s][0]
         )
+
+
+def test_relative_loss_weighs_samples_by_their_signal_to_noise_ratio():
+    # two samples (N, C, H, W): the second's target and error are 10x the first's
+    target = torch.ones(2, 3, 2, 2)
+    target[1] *= 10
+    pred = target * 1.1  # both at the same 10% relative error
+    plain = output_loss(pred, target)
+    assert plain.item() == pytest.approx(((0.1**2 * 3) + (1.0**2 * 3)) / 2)
+    energy = torch.tensor([3.0, 300.0])
+    # each sample's error / energy is 0.01; times the mean energy: MSE's scale
+    assert output_loss(pred, target, relative=True).item() == pytest.approx(0.01 * energy.mean())
+    # the low-energy sample weighs as much as the high-energy one: doubling its relative error
+    # raises the plain loss by 3%, the relative loss by 150%
+    worse = pred.clone()
+    worse[0] = target[0] * 1.2
+    assert output_loss(worse, target).item() / plain.item() == pytest.approx(1.0297, abs=1e-3)
+    assert output_loss(worse, target, relative=True).item() == pytest.approx(
+        (0.04 + 0.01) / 2 * energy.mean()
+    )
+    # equal energies: relative and plain agree; an all-zero target stays finite
+    same = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(0))
+    flat = same / same.pow(2).sum(1, keepdim=True).mean(2, keepdim=True).sqrt()
+    noisy = flat + 0.1
+    assert output_loss(noisy, flat, True).item() == pytest.approx(output_loss(noisy, flat).item())
+    zero = torch.zeros(2, 3)
+    assert output_loss(torch.ones(2, 3), zero, relative=True).item() == pytest.approx(3.0)

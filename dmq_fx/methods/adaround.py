@@ -76,9 +76,26 @@ def unit_outputs(sub: fx.GraphModule, data, chunk: int = 256) -> dict[int, torch
     }
 
 
-def output_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BRECQ's reconstruction loss: squared error summed over dim 1, mean over the rest."""
-    return (pred - target).pow(2).sum(1).mean()
+def output_loss(pred: torch.Tensor, target: torch.Tensor, relative: bool = False) -> torch.Tensor:
+    """BRECQ's reconstruction loss: squared error summed over dim 1, mean over the rest.
+
+    ``relative``: each sample's error divided by its target's energy (the same sum and mean),
+    times the batch's mean energy. Every sample then counts by its signal-to-noise ratio, not
+    its absolute error: a low-energy sample (e.g. from a late, low-noise sampling step) is not
+    drowned by high-energy ones; the loss keeps plain MSE's scale, so the rounding
+    regulariser's weight means the same.
+    """
+    err = (pred - target).pow(2).sum(1)
+    if not relative:
+        return err.mean()
+    err = err.reshape(err.shape[0], -1).mean(1)
+    energy = target.detach().pow(2).sum(1).reshape(err.shape[0], -1).mean(1)
+    mean = energy.mean()
+    # a near-zero target would take all the weight: floored at 1e-6 of the mean; an all-zero
+    # batch keeps plain MSE (chosen on the device: no host sync)
+    weights = mean / torch.maximum(energy, 1e-6 * mean)
+    weights = torch.where(mean > 0, weights, torch.ones_like(weights))
+    return (err * weights).mean()
 
 
 def annealed_beta(
@@ -210,7 +227,8 @@ class BlockReconstructionOptions:
     (unit ``i`` uses ``seed + i``), the module types reconstructed as one block, and how a
     unit's inputs are captured (``capture``: ``"restart"``, a forward per unit that stops at
     it, or ``"cursor"``, one forward in all paused at each unit, :class:`ForwardCursor`: same
-    result, faster on large UNets, more memory)."""
+    result, faster on large UNets, more memory), and whether the loss weighs each sample by
+    its error relative to its target's energy (``relative_loss``, :func:`output_loss`)."""
 
     iterations: int = 500
     batch_size: int = 32
@@ -221,6 +239,8 @@ class BlockReconstructionOptions:
     warmup: float = 0.2
     max_samples: int | None = 512
     seed: int = 0
+    #: each sample's error relative to its target's energy (:func:`output_loss`)
+    relative_loss: bool = False
     block_types: tuple[type, ...] = BLOCK_TYPES
     capture: str = "restart"
     #: the stage's name (calibrate's table, checkpoints, messages)
@@ -315,7 +335,9 @@ class AdaRound(BlockReconstructionOptions):
                     idx = torch.randint(len(data), (n,), generator=generator)
                     rounding.apply_soft()
                     outs = sub(*data.select(idx))
-                    rec = sum(output_loss(outs[i], targets[i][idx]) for i in kept)
+                    rec = sum(
+                        output_loss(outs[i], targets[i][idx], self.relative_loss) for i in kept
+                    )
                     loss = rec
                     if it >= self.warmup * self.iterations:
                         loss = rec + self.reg_weight * rounding.regularizer(self.beta(it))

@@ -65,15 +65,18 @@ def fbr_loss(
     layer_outputs: Sequence[torch.Tensor] = (),
     layer_targets: Sequence[torch.Tensor] = (),
     layer_weight: float = 0.8,
+    relative: bool = False,
 ) -> torch.Tensor:
     """FBR's loss: ``sum_o err(o) + layer_weight * sum_l err(l)`` with ``err(a, b) =
-    mean over all but dim 1 of sum over dim 1 of (a - b)^2`` (BRECQ's reconstruction error)."""
+    mean over all but dim 1 of sum over dim 1 of (a - b)^2`` (BRECQ's reconstruction error;
+    ``relative``: per sample relative to the target's energy,
+    :func:`dmq_fx.methods.adaround.output_loss`)."""
     if len(outputs) != len(targets) or len(layer_outputs) != len(layer_targets):
         raise ValueError("fbr_loss: outputs and targets differ in number")
-    loss = sum(output_loss(p, t) for p, t in zip(outputs, targets))
+    loss = sum(output_loss(p, t, relative) for p, t in zip(outputs, targets))
     if layer_outputs:
         loss = loss + layer_weight * sum(
-            output_loss(p, t) for p, t in zip(layer_outputs, layer_targets)
+            output_loss(p, t, relative) for p, t in zip(layer_outputs, layer_targets)
         )
     return loss
 
@@ -251,6 +254,7 @@ class FBR(BlockReconstructionOptions):
             [outs[i] for i in layer_idx],
             [targets[i][idx] for i in layer_idx],
             self.layer_weight,
+            self.relative_loss,
         )
         loss = rec
         if self.reg_weight and it >= self.warmup * self.iterations:
