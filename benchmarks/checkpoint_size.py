@@ -58,7 +58,8 @@ def measure(name: str, folder: Path) -> dict:
     loaded = dmq_fx.load(folder / f"{name}.safetensors")
     load_s = time.perf_counter() - start
     with torch.no_grad():
-        same = torch.equal(loaded(*data[1]).sample, converted(*data[1]).sample)
+        args, kwargs = data[1]
+        same = torch.equal(loaded(*args, **kwargs).sample, converted(*args, **kwargs).sample)
     if not same:
         raise SystemExit(f"{name}: the loaded graph does not compute what the saved one did")
     config = {"model_class": f"{type(unet).__module__}.{type(unet).__qualname__}",
