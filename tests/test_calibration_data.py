@@ -22,10 +22,9 @@ def ddpm():
     return build_unet(TINY_DDPM)
 
 
-@pytest.fixture(scope="module")
-def collected(ddpm):
+def _collect(unet):
     return collect_calibration_data(
-        ddpm,
+        unet,
         ddim(),
         num_inference_steps=STEPS,
         samples_per_step=PER_STEP,
@@ -33,6 +32,11 @@ def collected(ddpm):
         seed=3,
         progress=False,
     )
+
+
+@pytest.fixture(scope="module")
+def collected(ddpm):
+    return _collect(ddpm)
 
 
 def test_fashion_mnist_loader():
@@ -155,15 +159,7 @@ def test_collected_data_calibrates_a_prepared_unet(ddpm, collected):
 def test_collector_runs_a_bf16_unet_in_its_dtype(ddpm, collected):
     """A bf16 UNet is fed bf16 inputs (the scheduler keeps float32 latents): the records follow
     the float32 run within bf16's rounding, and hold no autograd history."""
-    half = collect_calibration_data(
-        copy.deepcopy(ddpm).to(torch.bfloat16),
-        ddim(),
-        num_inference_steps=STEPS,
-        samples_per_step=PER_STEP,
-        batch_size=4,
-        seed=3,
-        progress=False,
-    )
+    half = _collect(copy.deepcopy(ddpm).to(torch.bfloat16))
     assert half.sample.dtype == torch.bfloat16 and not half.sample.requires_grad
     assert not collected.sample.requires_grad
     assert torch.equal(half.timestep, collected.timestep)
