@@ -1,0 +1,80 @@
+"""Mean and spread over calibration seeds of quality.py rows.
+
+    python benchmarks/seed_spread.py LOG [LOG ...]
+
+Each LOG is the output of one ``python benchmarks/quality.py ... --calib-seed S`` run (its last
+line is the JSON list of rows). Rows are grouped by model, bits and method; for each group and
+paired metric (eps-SQNR, PSNR, label agreement, FID) the table gives the mean, the spread (max -
+min) and the seeds it covers, and for every method with a ``<base>-<lever>`` name whose base
+ran on the same seeds, the per-seed difference of the lever from its base (mean, min, max; for
+FID lower is better, so a gain is negative there): a lever's gain counts only where it holds on
+every seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+METRICS = ("eps_sqnr_db", "psnr_db", "label_agree", "fid")
+DIGITS = {"eps_sqnr_db": 2, "psnr_db": 2, "label_agree": 3, "fid": 1}
+
+
+def read_rows(paths: list[str]) -> list[dict]:
+    rows = []
+    for path in paths:
+        lines = Path(path).read_text().strip().splitlines()
+        if not lines or not lines[-1].startswith("["):
+            raise SystemExit(f"{path}: no quality.py JSON on its last line (did the run finish?)")
+        rows.extend(r for r in json.loads(lines[-1]) if r["method"] != "fp")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("logs", nargs="+")
+    args = ap.parse_args()
+    groups: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for row in read_rows(args.logs):
+        groups[(row["model"], row["bits"], row["method"])][row["calib_seed"]] = row
+    print("| model | bits | method | seeds | " + " | ".join(f"{m} mean (spread)" for m in METRICS)
+          + " | calib_s mean |")  # fmt: skip
+    print("|---" * (5 + len(METRICS)) + "|")
+    for (model, bits, method), by_seed in sorted(groups.items()):
+        cells = []
+        for m in METRICS:
+            values = [r[m] for r in by_seed.values()]
+            d = DIGITS[m]
+            cells.append(f"{statistics.mean(values):.{d}f} ({max(values) - min(values):.{d}f})")
+        calib = statistics.mean(r["calib_s"] for r in by_seed.values())
+        seeds = ",".join(str(s) for s in sorted(by_seed))
+        print(f"| {model} | {bits} | {method} | {seeds} | " + " | ".join(cells)
+              + f" | {calib:.0f} |")  # fmt: skip
+    print()
+    print("| model | bits | lever over base | seeds | "
+          + " | ".join(f"{m} gain mean [min, max]" for m in METRICS) + " |")  # fmt: skip
+    print("|---" * (4 + len(METRICS)) + "|")
+    for (model, bits, method), by_seed in sorted(groups.items()):
+        base = method.rsplit("-", 1)[0]
+        base_rows = groups.get((model, bits, base))
+        if "-" not in method or not base_rows:
+            continue
+        seeds = sorted(set(by_seed) & set(base_rows))
+        if not seeds:
+            continue
+        cells = []
+        for m in METRICS:
+            gains = [by_seed[s][m] - base_rows[s][m] for s in seeds]
+            d = DIGITS[m]
+            cells.append(
+                f"{statistics.mean(gains):+.{d}f} [{min(gains):+.{d}f}, {max(gains):+.{d}f}]"
+            )
+        print(f"| {model} | {bits} | {method} over {base} | {','.join(map(str, seeds))} | "
+              + " | ".join(cells) + " |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
