@@ -38,6 +38,9 @@ on two calibration batches; the effective bits are printed, and such a row is no
 "<method>-hist" chooses activation ranges from a histogram (activation_ranges="histogram");
 both on minmax and dmq+eda. dmq+eda-relative: FBR's loss weighs each sample's error relative to
 its target's energy (relative_loss=True), so low-energy samples count by their SNR.
+dmq+eda-fbr800: FBR at 800 iterations per unit instead of 300 (the budget lever).
+dmq+eda-timestep-weighted: FBR's loss weighted per sampling step as LES's is (DMQ's adaptive
+timestep weighting, timestep_weighting="adaptive").
 Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the default run is 1000 samples, 32 per step (hours per learned method on 2 CPU
@@ -80,6 +83,7 @@ from dmq_fx_bench.reference_models import (
 
 import dmq_fx
 from dmq_fx.graph.meta import quantized_layer_nodes
+from dmq_fx.methods.adaround import BlockReconstructionOptions
 from dmq_fx.methods.pts import pts_quantizers
 from dmq_fx.workflow.calibration_data import (
     CalibrationData,
@@ -195,14 +199,14 @@ def _dmq_fx(
     data: str = "uniform",
     mixed_bits: float | None = None,
     activation_ranges: str = "minmax",
-    relative_loss: bool = False,
+    reconstruction: dict | None = None,
 ):
     """A dmq_fx preset on the uniform calibration set, a TDAC selection (``data="tdac"``), or
     one with a quarter of the uniform per-step count guaranteed at every step
     (``"tdac-min"``, for DMQ's per-step stages). ``mixed_bits``: automatic mixed precision, the
     most weight-sensitive layers at 8 bits within that average weight width (the effective bits
-    are printed); ``activation_ranges``: "minmax" or "histogram"; ``relative_loss``: AdaRound /
-    FBR weigh each sample's error relative to its target's energy."""
+    are printed); ``activation_ranges``: "minmax" or "histogram"; ``reconstruction``: fields
+    replaced in the preset's AdaRound / FBR stage (e.g. ``{"relative_loss": True}``)."""
 
     def build(unet, bits, sets: CalibrationSets):
         if data == "uniform":
@@ -212,9 +216,11 @@ def _dmq_fx(
         wb, ab = parse_bits(bits)
         example = next(calib.batches(8, shuffle=False))
         stages = [dmq_fx.STAGES[name] for name in dmq_fx.PRESETS[preset].stages]
-        if relative_loss:
+        if reconstruction:
             stages = [
-                dataclasses.replace(s, relative_loss=True) if hasattr(s, "relative_loss") else s
+                dataclasses.replace(s, **reconstruction)
+                if isinstance(s, BlockReconstructionOptions)
+                else s
                 for s in stages
             ]
         mapping = dmq_fx.get_default_qconfig_mapping(wb, ab, activation_ranges)
@@ -355,7 +361,11 @@ METHODS: dict[str, Callable | None] = {
     "eda-dm": _dmq_fx("eda-dm", data="tdac"),
     "eda-dm-uniform": _dmq_fx("eda-dm"),
     "dmq+eda": _dmq_fx("dmq+eda", data="tdac-min"),
-    "dmq+eda-relative": _dmq_fx("dmq+eda", data="tdac-min", relative_loss=True),
+    "dmq+eda-relative": _dmq_fx("dmq+eda", data="tdac-min", reconstruction={"relative_loss": True}),
+    "dmq+eda-fbr800": _dmq_fx("dmq+eda", data="tdac-min", reconstruction={"iterations": 800}),
+    "dmq+eda-timestep-weighted": _dmq_fx(
+        "dmq+eda", data="tdac-min", reconstruction={"timestep_weighting": "adaptive"}
+    ),
     "minmax-mp4.25": _dmq_fx("minmax", mixed_bits=4.25),
     "minmax-mp4.5": _dmq_fx("minmax", mixed_bits=4.5),
     "minmax-mp5": _dmq_fx("minmax", mixed_bits=5.0),

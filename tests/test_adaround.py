@@ -11,6 +11,7 @@ from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_in
 from dmq_fx.graph.units import capture_unit_inputs, reconstruction_units, unit_graph
 from dmq_fx.lowering.quantized_modules import QuantizedLayer
 from dmq_fx.methods.adaround import AdaRound, _initial_v, output_loss, rectified_sigmoid
+from dmq_fx.methods.timestep_weighting import calibration_timesteps
 from dmq_fx.quantize.modes import input_quantizers, weight_quantizers
 from dmq_fx.quantize.stage import CalibrationContext
 
@@ -83,7 +84,8 @@ def test_units_cover_every_quantized_layer_and_reproduce_the_graph():
                     assert torch.allclose(value, expected, atol=1e-5), unit.name
 
 
-def test_adaround_lowers_the_block_output_error():
+@pytest.mark.parametrize("weighting", ["uniform", "adaptive"])
+def test_adaround_lowers_the_block_output_error(weighting):
     _, gm, data = _observed(TINY_DDPM, wb=3)
     _weights_only(gm, False)
     unit = next(u for u in reconstruction_units(gm) if u.kind == "block" and len(u.layers) == 3)
@@ -105,7 +107,9 @@ def test_adaround_lowers_the_block_output_error():
     with torch.no_grad():
         target = sub(*x)[0]
     nearest = error()
-    AdaRound(iterations=300, lr=1e-2).learn_unit(gm, unit, data, seed=0)
+    stage = AdaRound(iterations=300, lr=1e-2, timestep_weighting=weighting)
+    timesteps = calibration_timesteps(gm, data, None) if weighting == "adaptive" else None
+    stage.learn_unit(gm, unit, data, seed=0, timesteps=timesteps)
     for grouped in layers:
         for g in range(len(grouped.fake_quants)):
             assert set(grouped.rounding(g).unique().tolist()) <= {0, 1}

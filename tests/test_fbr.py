@@ -10,6 +10,7 @@ from dmq_fx.graph.meta import graph_state, quantized_layer_nodes
 from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
 from dmq_fx.graph.units import capture_unit_inputs, reconstruction_units, unit_graph
 from dmq_fx.methods.fbr import FBR, LearnedStepFakeQuantize, fbr_loss, mix_inputs
+from dmq_fx.methods.timestep_weighting import calibration_timesteps
 from dmq_fx.metrics import sqnr_db
 from dmq_fx.quantize.annotate import make_fake_quantize
 from dmq_fx.quantize.modes import input_quantizers, weight_quantizers
@@ -84,7 +85,8 @@ def _unit_error(gm, sub, x, target, unit):
     return (out - target).pow(2).mean().item()
 
 
-def test_fbr_lowers_the_block_output_error():
+@pytest.mark.parametrize("weighting", ["uniform", "adaptive"])
+def test_fbr_lowers_the_block_output_error(weighting):
     _, gm, data = _observed(TINY_DDPM, wb=3, ab=6)
     for q in input_quantizers(gm) + weight_quantizers(gm):
         q.disable_fake_quant()
@@ -95,7 +97,9 @@ def test_fbr_lowers_the_block_output_error():
         target = sub(*x)[0]
     before = _unit_error(gm, sub, x, target, unit)
     steps = [gm.get_submodule(f"{unit.layers[0].target}_input_quant").scale.clone()]
-    FBR(iterations=300, step_lr=1e-3).learn_unit(gm, unit, data, seed=0)
+    stage = FBR(iterations=300, step_lr=1e-3, timestep_weighting=weighting)
+    timesteps = calibration_timesteps(gm, data, None) if weighting == "adaptive" else None
+    stage.learn_unit(gm, unit, data, seed=0, timesteps=timesteps)
     for q in input_quantizers(gm) + weight_quantizers(gm):
         q.disable_fake_quant()
     after = _unit_error(gm, sub, x, target, unit)

@@ -9,12 +9,7 @@ from hypothesis import strategies as st
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import TINY_DDPM, TINY_SD, build_unet, example_inputs
-from dmq_fx.methods.les import (
-    LearnLES,
-    SmoothQuantScales,
-    adaptive_timestep_weights,
-    batch_timesteps,
-)
+from dmq_fx.methods.les import LearnLES, SmoothQuantScales
 from dmq_fx.metrics import sqnr_db
 from dmq_fx.quantize.modes import input_quantizers, weight_quantizers
 
@@ -172,21 +167,6 @@ def test_folding_agrees_with_simulation_within_one_output_step(model, x, wb, ab)
 
 
 # -- learning tau -----------------------------------------------------------------------------
-def test_adaptive_timestep_weights_hand_values():
-    shares = torch.tensor([0.02, 0.05, 0.10, 0.20, 0.63], dtype=torch.float64)
-    weights = adaptive_timestep_weights(3.0 * shares, r=20)  # only the shares matter
-    assert weights[:4].tolist() == pytest.approx([0.668, 0.358, 0.122, 0.0115], abs=6e-4)
-    assert torch.equal(adaptive_timestep_weights(torch.zeros(4)), torch.ones(4))
-
-
-def test_batch_timesteps_from_args_kwargs_and_scalars():
-    gm = dmq_fx.trace(build_unet(TINY_DDPM), *example_inputs(build_unet(TINY_DDPM), batch=2))
-    x = torch.randn(3, 3, 8, 8)
-    assert batch_timesteps(gm, (x, torch.tensor([1, 2, 3])), {}).tolist() == [1, 2, 3]
-    assert batch_timesteps(gm, (x,), {"timestep": 7}).tolist() == [7, 7, 7]
-    assert batch_timesteps(gm, (x, torch.tensor(5)), {}).tolist() == [5, 5, 5]
-
-
 class _OutlierConv(torch.nn.Module):
     """A 1x1 conv whose input has a few channels 30x larger than the rest (DMQ's case)."""
 

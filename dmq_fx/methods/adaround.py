@@ -32,6 +32,10 @@ from dmq_fx.graph.units import (
     reconstruction_units,
     unit_graph,
 )
+from dmq_fx.methods.timestep_weighting import (
+    AdaptiveTimestepWeighting,
+    calibration_timesteps,
+)
 from dmq_fx.passes import weight_before_quantization, weight_quantizer
 from dmq_fx.quantize import distributed
 from dmq_fx.quantize.modes import (
@@ -47,7 +51,11 @@ __all__ = [
     "RoundingVariables",
     "annealed_beta",
     "rectified_sigmoid",
+    "sample_losses",
 ]
+
+#: how block reconstruction weighs the samples of different sampling steps
+TIMESTEP_WEIGHTINGS = ("uniform", "adaptive")
 
 #: AdaRound's stretch of the sigmoid to (GAMMA, ZETA) before clipping to [0, 1]
 GAMMA, ZETA = -0.1, 1.1
@@ -76,6 +84,21 @@ def unit_outputs(sub: fx.GraphModule, data, chunk: int = 256) -> dict[int, torch
     }
 
 
+def sample_losses(pred: torch.Tensor, target: torch.Tensor, relative: bool = False) -> torch.Tensor:
+    """:func:`output_loss` per sample (shape ``[batch]``): its mean is ``output_loss``."""
+    err = (pred - target).pow(2).sum(1)
+    err = err.reshape(err.shape[0], -1).mean(1)
+    if not relative:
+        return err
+    energy = target.detach().pow(2).sum(1).reshape(err.shape[0], -1).mean(1)
+    mean = energy.mean()
+    # a near-zero target would take all the weight: floored at 1e-6 of the mean; an all-zero
+    # batch keeps plain MSE (chosen on the device: no host sync)
+    weights = mean / torch.maximum(energy, 1e-6 * mean)
+    weights = torch.where(mean > 0, weights, torch.ones_like(weights))
+    return err * weights
+
+
 def output_loss(pred: torch.Tensor, target: torch.Tensor, relative: bool = False) -> torch.Tensor:
     """BRECQ's reconstruction loss: squared error summed over dim 1, mean over the rest.
 
@@ -85,17 +108,9 @@ def output_loss(pred: torch.Tensor, target: torch.Tensor, relative: bool = False
     drowned by high-energy ones; the loss keeps plain MSE's scale, so the rounding
     regulariser's weight means the same.
     """
-    err = (pred - target).pow(2).sum(1)
-    if not relative:
-        return err.mean()
-    err = err.reshape(err.shape[0], -1).mean(1)
-    energy = target.detach().pow(2).sum(1).reshape(err.shape[0], -1).mean(1)
-    mean = energy.mean()
-    # a near-zero target would take all the weight: floored at 1e-6 of the mean; an all-zero
-    # batch keeps plain MSE (chosen on the device: no host sync)
-    weights = mean / torch.maximum(energy, 1e-6 * mean)
-    weights = torch.where(mean > 0, weights, torch.ones_like(weights))
-    return (err * weights).mean()
+    if relative:
+        return sample_losses(pred, target, relative=True).mean()
+    return (pred - target).pow(2).sum(1).mean()
 
 
 def annealed_beta(
@@ -228,7 +243,11 @@ class BlockReconstructionOptions:
     unit's inputs are captured (``capture``: ``"restart"``, a forward per unit that stops at
     it, or ``"cursor"``, one forward in all paused at each unit, :class:`ForwardCursor`: same
     result, faster on large UNets, more memory), and whether the loss weighs each sample by
-    its error relative to its target's energy (``relative_loss``, :func:`output_loss`)."""
+    its error relative to its target's energy (``relative_loss``, :func:`output_loss`), and
+    how samples of different sampling steps are weighed (``timestep_weighting``: ``"uniform"``,
+    or ``"adaptive"``, DMQ's weighting of LES applied to the reconstruction loss,
+    :class:`~dmq_fx.methods.timestep_weighting.AdaptiveTimestepWeighting` with ``r`` and
+    ``momentum``, reset for every unit)."""
 
     iterations: int = 500
     batch_size: int = 32
@@ -241,6 +260,10 @@ class BlockReconstructionOptions:
     seed: int = 0
     #: each sample's error relative to its target's energy (:func:`output_loss`)
     relative_loss: bool = False
+    #: "uniform" or "adaptive" (DMQ's per-timestep weights, as in LES)
+    timestep_weighting: str = "uniform"
+    r: float = 20.0
+    momentum: float = 0.95
     block_types: tuple[type, ...] = BLOCK_TYPES
     capture: str = "restart"
     #: the stage's name (calibrate's table, checkpoints, messages)
@@ -255,12 +278,23 @@ class BlockReconstructionOptions:
             raise ConfigError(
                 f"{self.name}: capture must be one of {CAPTURE_MODES}, got {self.capture!r}"
             )
+        if self.timestep_weighting not in TIMESTEP_WEIGHTINGS:
+            raise ConfigError(
+                f"{self.name}: timestep_weighting must be one of {TIMESTEP_WEIGHTINGS}, "
+                f"got {self.timestep_weighting!r}"
+            )
 
     def beta(self, iteration: int) -> float:
         """The regulariser exponent at ``iteration`` (:func:`annealed_beta`)."""
         return annealed_beta(
             iteration, self.iterations, self.warmup, self.beta_start, self.beta_end
         )
+
+    def sample_weighting(self, timesteps: torch.Tensor | None) -> AdaptiveTimestepWeighting | None:
+        """A unit's fresh timestep weighting (None: every sample weighs the same)."""
+        if timesteps is None:
+            return None
+        return AdaptiveTimestepWeighting(timesteps, self.r, self.momentum)
 
     def reconstruct(
         self,
@@ -274,6 +308,14 @@ class BlockReconstructionOptions:
         batches, seed = ctx.batches, ctx.seed_or(self.seed)
         if self.capture == "cursor":
             extra["cursor"] = ForwardCursor(gm, batches, self.max_samples)
+        if self.timestep_weighting == "adaptive":
+            timesteps = calibration_timesteps(gm, batches, self.max_samples)
+            if timesteps is None:
+                raise ConfigError(
+                    f"{self.name}: timestep_weighting='adaptive' needs the timestep of every "
+                    "calibration sample, and a batch carries none"
+                )
+            extra["timesteps"] = timesteps
         reconstruct_units(
             gm,
             self.name,
@@ -315,14 +357,17 @@ class AdaRound(BlockReconstructionOptions):
         *,
         seed: int,
         cursor: ForwardCursor | None = None,
+        timesteps: torch.Tensor | None = None,
     ) -> float:
-        """Learn the rounding of ``unit``'s layers; returns the final reconstruction loss."""
+        """Learn the rounding of ``unit``'s layers; returns the final reconstruction loss
+        (unweighted). ``timesteps``: every captured sample's, for the adaptive weighting."""
         sub, inputs, _ = unit_graph(gm, unit)
         at = (cursor, unit.nodes[0]) if cursor is not None else None
         data = capture_unit_inputs(gm, inputs, batches, self.max_samples, at)
         targets = unit_outputs(sub, data)
         kept = list(targets)
         rounding = RoundingVariables.start(gm, unit.layers)
+        weighting = self.sample_weighting(timesteps)
         generator = torch.Generator().manual_seed(seed)
         last = torch.tensor(math.nan)  # read once at the end: no host sync per iteration
         try:
@@ -335,12 +380,20 @@ class AdaRound(BlockReconstructionOptions):
                     idx = torch.randint(len(data), (n,), generator=generator)
                     rounding.apply_soft()
                     outs = sub(*data.select(idx))
-                    rec = sum(
-                        output_loss(outs[i], targets[i][idx], self.relative_loss) for i in kept
-                    )
-                    loss = rec
+                    if weighting is None:
+                        rec = sum(
+                            output_loss(outs[i], targets[i][idx], self.relative_loss) for i in kept
+                        )
+                        loss = rec
+                    else:
+                        per_sample = sum(
+                            sample_losses(outs[i], targets[i][idx], self.relative_loss)
+                            for i in kept
+                        )
+                        rec = per_sample.mean()
+                        loss = (weighting.weights(idx, per_sample) * per_sample).mean()
                     if it >= self.warmup * self.iterations:
-                        loss = rec + self.reg_weight * rounding.regularizer(self.beta(it))
+                        loss = loss + self.reg_weight * rounding.regularizer(self.beta(it))
                     opt.zero_grad()
                     loss.backward()
                     distributed.average_gradients(rounding.parameters())

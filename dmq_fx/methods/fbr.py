@@ -43,6 +43,7 @@ from dmq_fx.methods.adaround import (
     RoundingVariables,
     output_loss,
     require_weight_qparams,
+    sample_losses,
     unit_outputs,
 )
 from dmq_fx.observers import PowerOfTwoFakeQuantize
@@ -66,17 +67,20 @@ def fbr_loss(
     layer_targets: Sequence[torch.Tensor] = (),
     layer_weight: float = 0.8,
     relative: bool = False,
+    per_sample: bool = False,
 ) -> torch.Tensor:
     """FBR's loss: ``sum_o err(o) + layer_weight * sum_l err(l)`` with ``err(a, b) =
     mean over all but dim 1 of sum over dim 1 of (a - b)^2`` (BRECQ's reconstruction error;
     ``relative``: per sample relative to the target's energy,
-    :func:`dmq_fx.methods.adaround.output_loss`)."""
+    :func:`dmq_fx.methods.adaround.output_loss`). ``per_sample``: the loss of each sample
+    (shape ``[batch]``, its mean the scalar loss) for a per-sample weighting."""
     if len(outputs) != len(targets) or len(layer_outputs) != len(layer_targets):
         raise ValueError("fbr_loss: outputs and targets differ in number")
-    loss = sum(output_loss(p, t, relative) for p, t in zip(outputs, targets))
+    err = sample_losses if per_sample else output_loss
+    loss = sum(err(p, t, relative) for p, t in zip(outputs, targets))
     if layer_outputs:
         loss = loss + layer_weight * sum(
-            output_loss(p, t, relative) for p, t in zip(layer_outputs, layer_targets)
+            err(p, t, relative) for p, t in zip(layer_outputs, layer_targets)
         )
     return loss
 
@@ -196,10 +200,17 @@ class FBR(BlockReconstructionOptions):
         self.reconstruct(gm, ctx, restored=lambda unit: _quantize_unit(gm, unit))
 
     def learn_unit(
-        self, gm: fx.GraphModule, unit: ReconstructionUnit, batches: Sequence[Batch], *, seed: int
+        self,
+        gm: fx.GraphModule,
+        unit: ReconstructionUnit,
+        batches: Sequence[Batch],
+        *,
+        seed: int,
+        timesteps: torch.Tensor | None = None,
     ) -> float:
-        """Reconstruct ``unit`` (its predecessors quantized); returns the last loss. Afterwards
-        the unit's weight and activation quantizers are on."""
+        """Reconstruct ``unit`` (its predecessors quantized); returns the last (unweighted)
+        loss. Afterwards the unit's weight and activation quantizers are on. ``timesteps``:
+        every captured sample's, for the adaptive timestep weighting."""
         sub, inputs, outputs = unit_graph(gm, unit, extra_outputs=unit.layers[:-1])
         names = [name for node in unit.layers for name in layer_input_quantizer_names(node)]
         with quantizer_mode(gm, "float"):
@@ -215,6 +226,7 @@ class FBR(BlockReconstructionOptions):
 
         rounding = RoundingVariables.start(gm, unit.layers)
         learned = self._install_steps(gm, sub, names)
+        weighting = self.sample_weighting(timesteps)
         generator = torch.Generator().manual_seed(seed)
         last = torch.tensor(math.nan)  # read once at the end: no host sync per iteration
         try:
@@ -227,7 +239,16 @@ class FBR(BlockReconstructionOptions):
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.iterations)
                 for it in range(self.iterations):
                     loss, last = self._step(
-                        sub, x_fp, x_q, targets, out_idx, layer_idx, rounding, it, generator
+                        sub,
+                        x_fp,
+                        x_q,
+                        targets,
+                        out_idx,
+                        layer_idx,
+                        rounding,
+                        it,
+                        generator,
+                        weighting,
                     )
                     opt.zero_grad()
                     loss.backward()
@@ -242,7 +263,9 @@ class FBR(BlockReconstructionOptions):
         _quantize_unit(gm, unit)
         return float(last)
 
-    def _step(self, sub, x_fp, x_q, targets, out_idx, layer_idx, rounding, it, generator):
+    def _step(
+        self, sub, x_fp, x_q, targets, out_idx, layer_idx, rounding, it, generator, weighting
+    ):
         n = min(self.batch_size, len(x_fp))
         idx = torch.randint(len(x_fp), (n,), generator=generator)
         mixed = mix_inputs(x_fp.select(idx), x_q.select(idx), self.fp_share, generator)
@@ -255,10 +278,14 @@ class FBR(BlockReconstructionOptions):
             [targets[i][idx] for i in layer_idx],
             self.layer_weight,
             self.relative_loss,
+            per_sample=weighting is not None,
         )
         loss = rec
+        if weighting is not None:
+            loss = (weighting.weights(idx, rec) * rec).mean()
+            rec = rec.mean()
         if self.reg_weight and it >= self.warmup * self.iterations:
-            loss = rec + self.reg_weight * rounding.regularizer(self.beta(it))
+            loss = loss + self.reg_weight * rounding.regularizer(self.beta(it))
         return loss, rec.detach()
 
     @staticmethod

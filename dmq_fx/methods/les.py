@@ -2,7 +2,8 @@
 
 - :class:`LearnLES` (stage ``"learn_les"``; ``"learn_les_paper"`` for the paper's budget): learns
   each LES unit's ``tau`` on the FP model's own layer inputs and outputs, with only that unit
-  quantized, weighted per timestep (:func:`adaptive_timestep_weights`).
+  quantized, weighted per timestep
+  (:func:`dmq_fx.methods.timestep_weighting.adaptive_timestep_weights`).
 - :class:`SmoothQuantScales` (stage ``"smoothquant"``): SmoothQuant's closed form
   ``tau_c = max|X_c|^alpha / max|W_c|^(1 - alpha)``, the fixed-alpha baseline.
 
@@ -22,7 +23,7 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from dmq_fx.errors import CalibrationError, ConfigError
-from dmq_fx.graph.meta import ANNOTATION_KEY, LayerQuantSpec, graph_state
+from dmq_fx.graph.meta import ANNOTATION_KEY, LayerQuantSpec
 from dmq_fx.graph.units import (
     CAPTURE_MODES,
     ForwardCursor,
@@ -31,6 +32,7 @@ from dmq_fx.graph.units import (
     partial_forwards,
     unit_graph,
 )
+from dmq_fx.methods.timestep_weighting import AdaptiveTimestepWeighting, batch_timesteps
 from dmq_fx.passes import (
     LESScale,
     input_quantizer_name,
@@ -47,39 +49,8 @@ from dmq_fx.quantize.stage import Batch, CalibrationContext
 __all__ = [
     "LearnLES",
     "SmoothQuantScales",
-    "adaptive_timestep_weights",
-    "batch_timesteps",
     "learned_taus",
 ]
-
-
-def adaptive_timestep_weights(running_loss: torch.Tensor, r: float = 20.0) -> torch.Tensor:
-    """DMQ's lambda_t = (1 - Lambda_t / sum Lambda)^r (docs/methods/les.md); all ones while sum is
-    0.
-
-    Steps holding a large share of the current loss are weighted down: shares of 2, 5, 10, 20%
-    give 0.668, 0.358, 0.122, 0.0115 at r = 20.
-    """
-    total = running_loss.sum()
-    # chosen on the device (a branch on ``total`` would be a host sync per iteration)
-    shares = running_loss / torch.where(total > 0, total, torch.ones_like(total))
-    weights = (1 - shares).clamp_min(0) ** r
-    return torch.where(total > 0, weights, torch.ones_like(weights))
-
-
-def batch_timesteps(gm: fx.GraphModule, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The per-sample timesteps of a calibration batch (None if the model takes none)."""
-    record = graph_state(gm)
-    names = record.input_names if record is not None else []
-    if "timestep" in kwargs:
-        t = kwargs["timestep"]
-    elif "timestep" in names and names.index("timestep") < len(args):
-        t = args[names.index("timestep")]
-    else:
-        return None
-    batch = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) else 1
-    t = torch.as_tensor(t).reshape(-1)
-    return t.expand(batch).clone() if t.numel() == 1 else t.clone()
 
 
 def _capture_unit_inputs(
@@ -240,7 +211,9 @@ class LearnLES:
     samples mixing all timesteps. The forward quantizes only this unit: ``x / tau`` per tensor
     and ``tau * W`` per output channel, min/max recomputed every step, round-to-nearest with a
     straight-through estimator. The loss is the per-sample reconstruction error of the layer's
-    FP output, weighted by :func:`adaptive_timestep_weights` of a per-timestep moving average
+    FP output, weighted by DMQ's adaptive timestep weights
+    (:class:`~dmq_fx.methods.timestep_weighting.AdaptiveTimestepWeighting`) of a per-timestep
+    moving average
     (``momentum``, reset per unit; ``weighting="uniform"`` turns it off).
 
     The defaults are the CPU budget (300 iterations at lr 1e-2); :meth:`paper` gives DMQ's
@@ -309,8 +282,7 @@ class LearnLES:
             ]
         if t_all is None:
             t_all = torch.zeros(len(x_all), dtype=torch.long, device=x_all.device)
-        grid, t_index = torch.unique(t_all, return_inverse=True)  # the data's own timestep grid
-        running = torch.zeros(len(grid), dtype=torch.float64, device=grid.device)
+        weighting = AdaptiveTimestepWeighting(t_all, self.r, self.momentum)
         g = torch.Generator().manual_seed(seed)
         les.tau.requires_grad_(True)
         opt = torch.optim.Adam([les.tau], lr=self.lr)
@@ -324,16 +296,8 @@ class LearnLES:
                 for layer, target in zip(layers, targets)
             )
             weights = torch.ones_like(rec)
-            if self.weighting == "adaptive" and len(grid) > 1:
-                with torch.no_grad():
-                    k = t_index[idx]
-                    batch_loss = torch.zeros_like(running).index_add_(0, k, rec.detach().double())
-                    seen = torch.bincount(k, minlength=len(grid))
-                    distributed.all_reduce_(batch_loss)  # the same running losses on every rank
-                    distributed.all_reduce_(seen)
-                    updated = self.momentum * running + (1 - self.momentum) * batch_loss
-                    running = torch.where(seen > 0, updated, running)
-                    weights = adaptive_timestep_weights(running, self.r)[k].float()
+            if self.weighting == "adaptive":
+                weights = weighting.weights(idx, rec)
             loss = (weights * rec).mean()
             opt.zero_grad()
             loss.backward()
