@@ -41,6 +41,7 @@ its target's energy (relative_loss=True), so low-energy samples count by their S
 dmq+eda-fbr800: FBR at 800 iterations per unit instead of 300 (the budget lever).
 dmq+eda-timestep-weighted: FBR's loss weighted per sampling step as LES's is (DMQ's adaptive
 timestep weighting, timestep_weighting="adaptive").
+dmq+eda-fbr800-timestep-weighted: both.
 Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the default run is 1000 samples, 32 per step (hours per learned method on 2 CPU
@@ -365,6 +366,11 @@ METHODS: dict[str, Callable | None] = {
     "dmq+eda-fbr800": _dmq_fx("dmq+eda", data="tdac-min", reconstruction={"iterations": 800}),
     "dmq+eda-timestep-weighted": _dmq_fx(
         "dmq+eda", data="tdac-min", reconstruction={"timestep_weighting": "adaptive"}
+    ),
+    "dmq+eda-fbr800-timestep-weighted": _dmq_fx(
+        "dmq+eda",
+        data="tdac-min",
+        reconstruction={"iterations": 800, "timestep_weighting": "adaptive"},
     ),
     "minmax-mp4.25": _dmq_fx("minmax", mixed_bits=4.25),
     "minmax-mp4.5": _dmq_fx("minmax", mixed_bits=4.5),
