@@ -6,7 +6,8 @@ Each LOG is the output of one ``python benchmarks/quality.py ... --calib-seed S`
 line is the JSON list of rows). Rows are grouped by model, bits and method; for each group and
 paired metric (eps-SQNR, PSNR, label agreement, FID) the table gives the mean, the spread (max -
 min) and the seeds it covers, and for every method with a ``<base>-<lever>`` name whose base
-ran on the same seeds, the per-seed difference of the lever from its base (mean, min, max; for
+ran on the same seeds (every shorter ``-``-separated prefix that ran: ``a-b-c`` against ``a-b``
+and ``a``), the per-seed difference of the lever from its base (mean, min, max; for
 FID lower is better, so a gain is negative there): a lever's gain counts only where it holds on
 every seed.
 """
@@ -58,22 +59,32 @@ def main() -> None:
           + " | ".join(f"{m} gain mean [min, max]" for m in METRICS) + " |")  # fmt: skip
     print("|---" * (4 + len(METRICS)) + "|")
     for (model, bits, method), by_seed in sorted(groups.items()):
-        base = method.rsplit("-", 1)[0]
+        for base, base_rows, seeds in _bases(groups, model, bits, method):
+            print_gains(model, bits, method, base, by_seed, base_rows, seeds)
+
+
+def _bases(groups: dict, model: str, bits: str, method: str):
+    """Every method whose name is a ``-``-separated prefix of ``method`` and that ran on some
+    of its seeds, longest first: ``a-b-c`` is compared with ``a-b`` and ``a``."""
+    parts = method.split("-")
+    for cut in range(len(parts) - 1, 0, -1):
+        base = "-".join(parts[:cut])
         base_rows = groups.get((model, bits, base))
-        if "-" not in method or not base_rows:
-            continue
-        seeds = sorted(set(by_seed) & set(base_rows))
-        if not seeds:
-            continue
-        cells = []
-        for m in METRICS:
-            gains = [by_seed[s][m] - base_rows[s][m] for s in seeds]
-            d = DIGITS[m]
-            cells.append(
-                f"{statistics.mean(gains):+.{d}f} [{min(gains):+.{d}f}, {max(gains):+.{d}f}]"
-            )
-        print(f"| {model} | {bits} | {method} over {base} | {','.join(map(str, seeds))} | "
-              + " | ".join(cells) + " |")  # fmt: skip
+        if base_rows:
+            seeds = sorted(set(groups[(model, bits, method)]) & set(base_rows))
+            if seeds:
+                yield base, base_rows, seeds
+
+
+def print_gains(model, bits, method, base, by_seed, base_rows, seeds) -> None:
+    """One row of per-seed differences of ``method`` from ``base``."""
+    cells = []
+    for m in METRICS:
+        gains = [by_seed[s][m] - base_rows[s][m] for s in seeds]
+        d = DIGITS[m]
+        cells.append(f"{statistics.mean(gains):+.{d}f} [{min(gains):+.{d}f}, {max(gains):+.{d}f}]")
+    print(f"| {model} | {bits} | {method} over {base} | {','.join(map(str, seeds))} | "
+          + " | ".join(cells) + " |")  # fmt: skip
 
 
 if __name__ == "__main__":
