@@ -25,3 +25,32 @@ def test_quality_benchmark_quick_run_emits_rows():
     assert w8["psnr_db"] > w4["psnr_db"]
     assert w8["calib_s"] > 0
     assert "| fashion28 | w4a6 | minmax |" in out.stdout  # the markdown table for README
+
+
+def _row(method, seed, eps):
+    metrics = {"eps_sqnr_db": eps, "psnr_db": eps, "label_agree": 0.5, "fid": 1.0}
+    return {
+        "model": "m",
+        "bits": "w4a8",
+        "method": method,
+        "calib_seed": seed,
+        "calib_s": 10,
+        **metrics,
+    }
+
+
+def test_seed_spread_pairs_a_lever_with_every_base_that_ran(tmp_path):
+    """benchmarks/seed_spread.py: means and spreads per method, per-seed gains over each
+    shorter name that ran on the same seeds."""
+    logs = []
+    for seed, (base, one, both) in enumerate([(30.0, 31.0, 31.5), (31.0, 32.5, 32.0)]):
+        rows = [_row("p", seed, base), _row("p-x", seed, one), _row("p-x-y-z", seed, both)]
+        logs.append(tmp_path / f"s{seed}.log")
+        logs[-1].write_text("progress line\n" + json.dumps(rows) + "\n")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "seed_spread.py"), *map(str, logs)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "| m | w4a8 | p | 0,1 | 30.50 (1.00) |" in out
+    assert "| m | w4a8 | p-x over p | 0,1 | +1.25 [+1.00, +1.50] |" in out
+    assert "| m | w4a8 | p-x-y-z over p-x | 0,1 | +0.00 [-0.50, +0.50] |" in out
+    assert "| m | w4a8 | p-x-y-z over p | 0,1 | +1.25 [+1.00, +1.50] |" in out
+    assert "over p-x-y " not in out  # no such run: not a base
