@@ -55,6 +55,7 @@ CHEAP_STAGES = {
     "learn_les": dmq_fx.LearnLES(iterations=8, max_samples=8),
     "adaround": dmq_fx.AdaRound(iterations=8, max_samples=8),
     "fbr": dmq_fx.FBR(iterations=8, max_samples=8),
+    "fbr_800": dmq_fx.FBR(iterations=8, max_samples=8),
 }
 
 

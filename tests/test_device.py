@@ -28,6 +28,7 @@ CHEAP = {
     "learn_les": dmq_fx.LearnLES(iterations=6, max_samples=8),
     "adaround": dmq_fx.AdaRound(iterations=6, max_samples=8),
     "fbr": dmq_fx.FBR(iterations=6, max_samples=8),
+    "fbr_800": dmq_fx.FBR(iterations=6, max_samples=8),
 }
 
 

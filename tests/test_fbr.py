@@ -173,6 +173,9 @@ def test_every_preset_names_registered_stages_and_its_prepare_flags():
         assert all(s in dmq_fx.STAGES for s in stages), name
     assert dmq_fx.PRESETS["eda-dm"][-1] == "fbr" and dmq_fx.PREPARE_FLAGS["eda-dm"] == {}
     assert dmq_fx.PREPARE_FLAGS["dmq+eda"] == {"les": True, "pts": "skip"}
+    # dmq+eda's FBR runs longer than eda-dm's (its LES dominates the calibration time)
+    assert dmq_fx.STAGES[dmq_fx.PRESETS["dmq+eda"][-1]] == FBR.long()
+    assert FBR.long().iterations > dmq_fx.STAGES[dmq_fx.PRESETS["eda-dm"][-1]].iterations
 
 
 FAST_STAGES = {
@@ -181,6 +184,7 @@ FAST_STAGES = {
     "adaround": dmq_fx.AdaRound(iterations=2, max_samples=8),
     "adaround_paper": dmq_fx.AdaRound(iterations=2, max_samples=8),
     "fbr": FBR(iterations=2, max_samples=8),
+    "fbr_800": FBR(iterations=2, max_samples=8),
     "fbr_paper": FBR(iterations=2, max_samples=8),
 }
 DISTINCT = sorted(p for p in dmq_fx.PRESETS if not p.endswith("-paper"))

@@ -158,7 +158,7 @@ class FBR(BlockReconstructionOptions):
     activation steps at ``step_lr``, both cosine to 0. The rounding regulariser of AdaRound
     (``reg_weight``, ``beta`` annealed after ``warmup``) pushes the rounding to 0 / 1 within a
     short CPU budget; EDA-DM's code has none (:meth:`paper`: 5000 iterations, every sample,
-    ``reg_weight=0``).
+    ``reg_weight=0``). :meth:`long` is the 800-iteration budget of the ``dmq+eda`` preset.
     """
 
     iterations: int = 300
@@ -178,6 +178,12 @@ class FBR(BlockReconstructionOptions):
             # FBR switches the quantizers in front of each unit between its two captures and
             # quantizes the unit afterwards: values a paused forward computed before would be stale
             raise ConfigError(f"fbr: capture must be 'restart', got {self.capture!r}")
+
+    @classmethod
+    def long(cls, **overrides) -> FBR:
+        """800 iterations per unit (stage ``fbr_800``): the ``dmq+eda`` preset's budget, where
+        LES takes as long as FBR at 300 and the longer FBR pays (benchmarks/RESULTS.md)."""
+        return cls(**{**{"iterations": 800, "name": "fbr_800"}, **overrides})
 
     @classmethod
     def paper(cls, **overrides) -> FBR:

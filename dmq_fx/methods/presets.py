@@ -65,6 +65,7 @@ STAGES: Mapping[str, Stage] = _stages(
     AdaRound(),
     AdaRound.paper(),
     FBR(),
+    FBR.long(),
     FBR.paper(),
 )
 
@@ -120,9 +121,9 @@ PRESETS: Mapping[str, Preset] = _presets(
     Preset("eda-dm-paper", (*_OBSERVE, "fbr_paper"), {}, "FBR at EDA-DM's budget"),
     Preset(
         "dmq+eda",
-        ("learn_les", "observe_activations", "vote_pts", "observe_weights", "fbr"),
+        ("learn_les", "observe_activations", "vote_pts", "observe_weights", "fbr_800"),
         _DMQ,
-        "DMQ's LES and PTS with EDA-DM's FBR",
+        "DMQ's LES and PTS with EDA-DM's FBR (800 iterations per block)",
     ),
     Preset(
         "dmq+eda-paper",
