@@ -36,12 +36,13 @@ Levers of the 4-bit rows: "<method>-mp4.5" gives the layers where 4-bit weights 
 output noise per parameter 8-bit weights within 4.5 bits on average (dmq_fx.mixed_precision_mapping
 on two calibration batches; the effective bits are printed, and such a row is not a W4 row);
 "<method>-hist" chooses activation ranges from a histogram (activation_ranges="histogram");
-both on minmax and dmq+eda. dmq+eda-relative: FBR's loss weighs each sample's error relative to
-its target's energy (relative_loss=True), so low-energy samples count by their SNR.
-dmq+eda-fbr800: FBR at 800 iterations per unit instead of 300 (the budget lever).
-dmq+eda-timestep-weighted: FBR's loss weighted per sampling step as LES's is (DMQ's adaptive
-timestep weighting, timestep_weighting="adaptive").
-dmq+eda-fbr800-timestep-weighted: both.
+both on minmax and dmq+eda. dmq+eda-fbr300-relative: FBR (300 iterations) weighs each sample's
+error relative to its target's energy (relative_loss=True), so low-energy samples count by
+their SNR.
+dmq+eda-fbr300 / dmq+eda-fbr800: FBR at 300 / 800 iterations per unit (the budget lever; the
+preset ran 300 before it adopted 800, so dmq+eda-fbr800 is dmq+eda now).
+dmq+eda-fbr300-timestep-weighted / dmq+eda-fbr800-timestep-weighted: FBR's loss weighted per
+sampling step as LES's is (DMQ's adaptive timestep weighting, timestep_weighting="adaptive").
 Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the default run is 1000 samples, 32 per step (hours per learned method on 2 CPU
@@ -362,10 +363,15 @@ METHODS: dict[str, Callable | None] = {
     "eda-dm": _dmq_fx("eda-dm", data="tdac"),
     "eda-dm-uniform": _dmq_fx("eda-dm"),
     "dmq+eda": _dmq_fx("dmq+eda", data="tdac-min"),
-    "dmq+eda-relative": _dmq_fx("dmq+eda", data="tdac-min", reconstruction={"relative_loss": True}),
+    "dmq+eda-fbr300-relative": _dmq_fx(
+        "dmq+eda", data="tdac-min", reconstruction={"iterations": 300, "relative_loss": True}
+    ),
+    "dmq+eda-fbr300": _dmq_fx("dmq+eda", data="tdac-min", reconstruction={"iterations": 300}),
     "dmq+eda-fbr800": _dmq_fx("dmq+eda", data="tdac-min", reconstruction={"iterations": 800}),
-    "dmq+eda-timestep-weighted": _dmq_fx(
-        "dmq+eda", data="tdac-min", reconstruction={"timestep_weighting": "adaptive"}
+    "dmq+eda-fbr300-timestep-weighted": _dmq_fx(
+        "dmq+eda",
+        data="tdac-min",
+        reconstruction={"iterations": 300, "timestep_weighting": "adaptive"},
     ),
     "dmq+eda-fbr800-timestep-weighted": _dmq_fx(
         "dmq+eda",
