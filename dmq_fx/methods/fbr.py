@@ -182,7 +182,8 @@ class FBR(BlockReconstructionOptions):
     @classmethod
     def long(cls, **overrides) -> FBR:
         """800 iterations per unit (stage ``fbr_800``): the ``dmq+eda`` preset's budget, where
-        LES takes as long as FBR at 300 and the longer FBR pays (benchmarks/RESULTS.md)."""
+        LES is a large share of the calibration time and the longer FBR pays
+        (benchmarks/RESULTS.md)."""
         return cls(**{**{"iterations": 800, "name": "fbr_800"}, **overrides})
 
     @classmethod
