@@ -3,7 +3,11 @@
 import pytest
 import torch
 from dmq_fx.observers import HistogramRangeObserver
-from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
+from torch.ao.quantization.observer import (
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+)
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet, example_inputs
@@ -71,3 +75,26 @@ def test_histogram_ranges_in_the_default_mapping(tmp_path):
         assert torch.equal(loaded(*a, **k).sample, converted(*a, **k).sample)
     with pytest.raises(dmq_fx.ConfigError, match="'mse'"):
         dmq_fx.get_default_qconfig_mapping(4, 8, activation_ranges="mse")
+
+
+@pytest.mark.parametrize("ranges", ["minmax", "histogram"])
+def test_quantize_pipeline_observes_the_configured_activation_ranges(ranges):
+    from diffusers import DDIMScheduler, DDPMPipeline
+
+    from dmq_fx.graph.meta import ANNOTATION_KEY, quantized_layer_nodes
+
+    pipe = DDPMPipeline(unet=build_unet(TINY_DDPM), scheduler=DDIMScheduler())
+    fast = {"num_inference_steps": 4, "samples_per_step": 4, "batch_size": 8}
+    config = {"preset": "minmax", "act_bits": 6, "activation_ranges": ranges, **fast}
+    q = dmq_fx.quantize_pipeline(pipe, config, progress=False)
+    observers = {
+        type(n.meta[ANNOTATION_KEY].qconfig.activation())
+        for n in quantized_layer_nodes(q.unet.graph)
+    }
+    expected = HistogramRangeObserver if ranges == "histogram" else MovingAverageMinMaxObserver
+    assert observers == {expected}
+
+
+def test_quantization_config_names_a_bad_activation_ranges_value():
+    with pytest.raises(dmq_fx.ConfigError, match="activation_ranges must be one of .* got 'mse'"):
+        dmq_fx.QuantizationConfig(activation_ranges="mse")

@@ -21,6 +21,7 @@ from dmq_fx.errors import ConfigError
 from dmq_fx.observers import HistogramRangeObserver, MSEGridSearchPerChannelObserver
 
 __all__ = [
+    "ACTIVATION_RANGES",
     "FLOAT_MODULE_NAMES",
     "FLOAT_MODULE_NAME_REGEXES",
     "UNetQConfigMapping",

@@ -24,7 +24,11 @@ from dmq_fx.methods.mixed_precision import mixed_precision_mapping
 from dmq_fx.methods.presets import PREPARE_FLAGS, PRESETS
 from dmq_fx.quantize.device import batches_to_device, module_device
 from dmq_fx.quantize.prepare import prepare_fx
-from dmq_fx.quantize.qconfig import check_bits, get_default_qconfig_mapping
+from dmq_fx.quantize.qconfig import (
+    ACTIVATION_RANGES,
+    check_bits,
+    get_default_qconfig_mapping,
+)
 from dmq_fx.workflow.calibrate import calibrate
 from dmq_fx.workflow.calibration_data import (
     CalibrationData,
@@ -60,6 +64,9 @@ class QuantizationConfig:
     ``mixed_precision_bits``: automatic mixed precision (:func:`dmq_fx.mixed_precision_mapping`
     on two calibration batches): 8-bit weights for the layers where ``weight_bits`` hurts most,
     within that average weight width; None (default): every layer at ``weight_bits``.
+    ``activation_ranges``: how the activation ranges are observed, ``"minmax"`` (moving-average
+    min / max) or ``"histogram"`` (the range of least error in a histogram of every calibration
+    value, :class:`dmq_fx.observers.HistogramRangeObserver`; one process only).
     """
 
     preset: str = "dmq"
@@ -77,6 +84,7 @@ class QuantizationConfig:
     seed: int = 0
     compile: bool = False
     mixed_precision_bits: float | None = None
+    activation_ranges: str = "minmax"
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -90,6 +98,11 @@ class QuantizationConfig:
             raise ConfigError(
                 f"mixed_precision_bits={budget}: expected a value from weight_bits "
                 f"({self.weight_bits}) to 8"
+            )
+        if self.activation_ranges not in ACTIVATION_RANGES:
+            raise ConfigError(
+                f"activation_ranges must be one of {ACTIVATION_RANGES}, "
+                f"got {self.activation_ranges!r}"
             )
         if self.selection not in ("uniform", "tdac"):
             raise ConfigError(f"selection must be 'uniform' or 'tdac', got {self.selection!r}")
@@ -371,7 +384,7 @@ def quantize_pipeline(
     batches = batches_to_device(list(data.batches(cfg.batch_size, seed=cfg.seed)), device)
     example = data.batches(min(8, len(data)), shuffle=False).__next__()
     example_args, example_kwargs = batches_to_device([example], device)[0]
-    mapping = get_default_qconfig_mapping(cfg.weight_bits, cfg.act_bits)
+    mapping = get_default_qconfig_mapping(cfg.weight_bits, cfg.act_bits, cfg.activation_ranges)
     if cfg.mixed_precision_bits is not None:
         mapping = mixed_precision_mapping(
             pipe.unet,
