@@ -8,7 +8,8 @@ For each model, bit setting and method, one row:
   Fashion-MNIST test images in EfficientNet-Lite0 features; fd_clf: the same in the domain
   classifier's features; fid_real / fd_clf_real: two disjoint real sets of the same N, for scale;
 - eps_sqnr_db: mean over the 20 steps of the per-step SQNR (dB) of the quantized model's noise
-  prediction against the FP model's, on the FP model's own trajectories;
+  prediction against the FP model's, on the FP model's own trajectories; eps_sqnr_db_steps: the
+  20 per-step values, noisiest step first;
 - psnr_db: PSNR of each quantized sample against the FP sample from the same noise (mean);
 - label_agree: share of samples the classifier labels as it labels the FP sample;
 - class_acc: (text model) share of samples classified as the prompted class;
@@ -460,6 +461,8 @@ def evaluate(ref, q_unet, fp, args, feats, clf, real) -> dict:
         "fid": round(frechet_distance(real, samples, feats), 2),
         "fd_clf": round(frechet_distance(real, samples, ClassifierFeatures(clf)), 3),
         "eps_sqnr_db": None if probe is None else round(probe.mean_db, 2),
+        # where the error sits: the SQNR of each sampling step, noisiest first
+        "eps_sqnr_db_steps": None if probe is None else [round(v, 2) for v in probe.per_step_db()],
         "psnr_db": None if probe is None else round(psnr_db(fp_samples, samples), 2),
         "label_agree": None if probe is None else round((pred == fp_pred).float().mean().item(), 3),
         "class_acc": None if labels is None else round((pred == labels).float().mean().item(), 3),

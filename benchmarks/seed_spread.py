@@ -9,7 +9,8 @@ min) and the seeds it covers, and for every method with a ``<base>-<lever>`` nam
 ran on the same seeds (every shorter ``-``-separated prefix that ran: ``a-b-c`` against ``a-b``
 and ``a``), the per-seed difference of the lever from its base (mean, min, max; for
 FID lower is better, so a gain is negative there): a lever's gain counts only where it holds on
-every seed.
+every seed. Last, where the rows carry them, each group's per-step eps-SQNR (mean over its
+seeds, noisiest sampling step first): where along the sampling the error sits.
 """
 
 from __future__ import annotations
@@ -61,6 +62,28 @@ def main() -> None:
     for (model, bits, method), by_seed in sorted(groups.items()):
         for base, base_rows, seeds in _bases(groups, model, bits, method):
             print_gains(model, bits, method, base, by_seed, base_rows, seeds)
+    print_steps(groups)
+
+
+def step_means(by_seed: dict[int, dict]) -> list[float] | None:
+    """The per-step eps-SQNR averaged over the seeds (None where a row lacks it: older logs)."""
+    steps = [r.get("eps_sqnr_db_steps") for r in by_seed.values()]
+    if not steps or any(s is None for s in steps) or len({len(s) for s in steps}) != 1:
+        return None
+    return [statistics.mean(values) for values in zip(*steps)]
+
+
+def print_steps(groups: dict) -> None:
+    means = {key: step_means(by_seed) for key, by_seed in sorted(groups.items())}
+    means = {key: m for key, m in means.items() if m is not None}
+    if not means:
+        return
+    count = max(len(m) for m in means.values())
+    print()
+    print("| model | bits | method | " + " | ".join(f"step {i}" for i in range(count)) + " |")
+    print("|---" * (3 + count) + "|")
+    for (model, bits, method), m in means.items():
+        print(f"| {model} | {bits} | {method} | " + " | ".join(f"{v:.1f}" for v in m) + " |")
 
 
 def _bases(groups: dict, model: str, bits: str, method: str):

@@ -24,11 +24,19 @@ def test_quality_benchmark_quick_run_emits_rows():
     assert w8["eps_sqnr_db"] > w4["eps_sqnr_db"] > 5
     assert w8["psnr_db"] > w4["psnr_db"]
     assert w8["calib_s"] > 0
+    # the headline is the mean of the per-step values, one per DDIM step
+    for row in (w8, w4):
+        steps = row["eps_sqnr_db_steps"]
+        assert len(steps) == 20
+        assert abs(sum(steps) / len(steps) - row["eps_sqnr_db"]) < 0.01
+    assert fp["eps_sqnr_db_steps"] is None
     assert "| fashion28 | w4a6 | minmax |" in out.stdout  # the markdown table for README
 
 
-def _row(method, seed, eps):
+def _row(method, seed, eps, steps=None):
     metrics = {"eps_sqnr_db": eps, "psnr_db": eps, "label_agree": 0.5, "fid": 1.0}
+    if steps is not None:
+        metrics["eps_sqnr_db_steps"] = steps
     return {
         "model": "m",
         "bits": "w4a8",
@@ -44,7 +52,8 @@ def test_seed_spread_pairs_a_lever_with_every_base_that_ran(tmp_path):
     shorter name that ran on the same seeds."""
     logs = []
     for seed, (base, one, both) in enumerate([(30.0, 31.0, 31.5), (31.0, 32.5, 32.0)]):
-        rows = [_row("p", seed, base), _row("p-x", seed, one), _row("p-x-y-z", seed, both)]
+        steps = [base + 1, base - 1]  # per-step values on the base rows only
+        rows = [_row("p", seed, base, steps), _row("p-x", seed, one), _row("p-x-y-z", seed, both)]
         logs.append(tmp_path / f"s{seed}.log")
         logs[-1].write_text("progress line\n" + json.dumps(rows) + "\n")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "seed_spread.py"), *map(str, logs)]
@@ -54,3 +63,6 @@ def test_seed_spread_pairs_a_lever_with_every_base_that_ran(tmp_path):
     assert "| m | w4a8 | p-x-y-z over p-x | 0,1 | +0.00 [-0.50, +0.50] |" in out
     assert "| m | w4a8 | p-x-y-z over p | 0,1 | +1.25 [+1.00, +1.50] |" in out
     assert "over p-x-y " not in out  # no such run: not a base
+    # per-step means where the rows have them (p's: steps 31/29 and 32/30), none for the others
+    assert "| m | w4a8 | p | 31.5 | 29.5 |" in out
+    assert "| m | w4a8 | p-x | 3" not in out.split("step 0")[-1]
