@@ -44,6 +44,8 @@ dmq+eda-fbr300 / dmq+eda-fbr800: FBR at 300 / 800 iterations per unit (the budge
 preset ran 300 before it adopted 800, so dmq+eda-fbr800 is dmq+eda now).
 dmq+eda-fbr300-timestep-weighted / dmq+eda-fbr800-timestep-weighted: FBR's loss weighted per
 sampling step as LES's is (DMQ's adaptive timestep weighting, timestep_weighting="adaptive").
+dmq+eda-sensitivity: FBR weighs each element of a unit's output error by the float model's
+output sensitivity to it (output_sensitivity=True, docs/methods/adaround.md).
 Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the default run is 1000 samples, 32 per step (hours per learned method on 2 CPU
@@ -378,6 +380,9 @@ METHODS: dict[str, Callable | None] = {
         "dmq+eda",
         data="tdac-min",
         reconstruction={"iterations": 800, "timestep_weighting": "adaptive"},
+    ),
+    "dmq+eda-sensitivity": _dmq_fx(
+        "dmq+eda", data="tdac-min", reconstruction={"output_sensitivity": True}
     ),
     "minmax-mp4.25": _dmq_fx("minmax", mixed_bits=4.25),
     "minmax-mp4.5": _dmq_fx("minmax", mixed_bits=4.5),

@@ -34,6 +34,7 @@ __all__ = [
     "CapturedInputs",
     "ForwardCursor",
     "ReconstructionUnit",
+    "bind_inputs",
     "capture_unit_inputs",
     "reconstruction_units",
     "unit_graph",
@@ -210,7 +211,7 @@ class ForwardCursor:
             for i, (args, kwargs) in enumerate(self.batches):
                 paused = self._paused[i]
                 if paused is None or paused.position > stop:
-                    paused = _PausedForward({}, 0, iter(_bind(self.gm, args, kwargs)))
+                    paused = _PausedForward({}, 0, iter(bind_inputs(self.gm, args, kwargs)))
                     self._paused[i] = paused
                 self._run(paused, stop)
                 if any(n not in paused.env for n in wanted):
@@ -255,7 +256,7 @@ def partial_forwards(
         for args, kwargs in batches:
             seen.clear()
             with contextlib.suppress(StopForward):
-                interp.run(*_bind(gm, args, kwargs))
+                interp.run(*bind_inputs(gm, args, kwargs))
             if len(seen) != len(wanted):
                 missing = [n.name for n in inputs if n not in seen]
                 raise CalibrationError(f"unit inputs {missing} were never computed")
@@ -317,7 +318,7 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _bind(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
+def bind_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     """Positional values for every placeholder of ``gm`` (defaults for the ones not passed)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = []

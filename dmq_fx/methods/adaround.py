@@ -32,6 +32,7 @@ from dmq_fx.graph.units import (
     reconstruction_units,
     unit_graph,
 )
+from dmq_fx.methods.output_sensitivity import output_sensitivity
 from dmq_fx.methods.timestep_weighting import (
     AdaptiveTimestepWeighting,
     calibration_timesteps,
@@ -40,6 +41,7 @@ from dmq_fx.passes import weight_before_quantization, weight_quantizer
 from dmq_fx.quantize import distributed
 from dmq_fx.quantize.modes import (
     fix_quantizer_modes,
+    quantizer_mode,
     set_quantizer_mode,
     weight_quantizers,
 )
@@ -84,9 +86,17 @@ def unit_outputs(sub: fx.GraphModule, data, chunk: int = 256) -> dict[int, torch
     }
 
 
-def sample_losses(pred: torch.Tensor, target: torch.Tensor, relative: bool = False) -> torch.Tensor:
+def sample_losses(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    relative: bool = False,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """:func:`output_loss` per sample (shape ``[batch]``): its mean is ``output_loss``."""
-    err = (pred - target).pow(2).sum(1)
+    err = (pred - target).pow(2)
+    if weight is not None:
+        err = err * weight
+    err = err.sum(1)
     err = err.reshape(err.shape[0], -1).mean(1)
     if not relative:
         return err
@@ -99,8 +109,16 @@ def sample_losses(pred: torch.Tensor, target: torch.Tensor, relative: bool = Fal
     return err * weights
 
 
-def output_loss(pred: torch.Tensor, target: torch.Tensor, relative: bool = False) -> torch.Tensor:
+def output_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    relative: bool = False,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """BRECQ's reconstruction loss: squared error summed over dim 1, mean over the rest.
+
+    ``weight``: each element's squared error times it (same shape as ``pred``), e.g. the
+    model's output sensitivity to the element (:mod:`dmq_fx.methods.output_sensitivity`).
 
     ``relative``: each sample's error divided by its target's energy (the same sum and mean),
     times the batch's mean energy. Every sample then counts by its signal-to-noise ratio, not
@@ -108,9 +126,14 @@ def output_loss(pred: torch.Tensor, target: torch.Tensor, relative: bool = False
     drowned by high-energy ones; the loss keeps plain MSE's scale, so the rounding
     regulariser's weight means the same.
     """
-    if relative:
-        return sample_losses(pred, target, relative=True).mean()
+    if relative or weight is not None:
+        return sample_losses(pred, target, relative, weight).mean()
     return (pred - target).pow(2).sum(1).mean()
+
+
+def _at(weight: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    """The rows ``idx`` of a per-sample weight (None stays None)."""
+    return None if weight is None else weight[idx]
 
 
 def annealed_beta(
@@ -247,7 +270,10 @@ class BlockReconstructionOptions:
     how samples of different sampling steps are weighed (``timestep_weighting``: ``"uniform"``,
     or ``"adaptive"``, DMQ's weighting of LES applied to the reconstruction loss,
     :class:`~dmq_fx.methods.timestep_weighting.AdaptiveTimestepWeighting` with ``r`` and
-    ``momentum``, reset for every unit)."""
+    ``momentum``, reset for every unit), and whether each element of a unit's output error is
+    weighed by how much it moves the float model's output (``output_sensitivity``,
+    :func:`~dmq_fx.methods.output_sensitivity.output_sensitivity` with ``sensitivity_probes``
+    probes, computed for every unit before it is learned)."""
 
     iterations: int = 500
     batch_size: int = 32
@@ -264,6 +290,9 @@ class BlockReconstructionOptions:
     timestep_weighting: str = "uniform"
     r: float = 20.0
     momentum: float = 0.95
+    #: weigh the unit's output error by the model output's sensitivity to each element
+    output_sensitivity: bool = False
+    sensitivity_probes: int = 4
     block_types: tuple[type, ...] = BLOCK_TYPES
     capture: str = "restart"
     #: the stage's name (calibrate's table, checkpoints, messages)
@@ -277,6 +306,10 @@ class BlockReconstructionOptions:
         if self.capture not in CAPTURE_MODES:
             raise ConfigError(
                 f"{self.name}: capture must be one of {CAPTURE_MODES}, got {self.capture!r}"
+            )
+        if self.sensitivity_probes < 1:
+            raise ConfigError(
+                f"{self.name}: sensitivity_probes must be >= 1, got {self.sensitivity_probes}"
             )
         if self.timestep_weighting not in TIMESTEP_WEIGHTINGS:
             raise ConfigError(
@@ -295,6 +328,23 @@ class BlockReconstructionOptions:
         if timesteps is None:
             return None
         return AdaptiveTimestepWeighting(timesteps, self.r, self.momentum)
+
+    def unit_output_weights(
+        self,
+        gm: fx.GraphModule,
+        outputs: Sequence[fx.Node],
+        batches: Sequence[Batch],
+        seed: int,
+    ) -> list[torch.Tensor | None]:
+        """Per output node of a unit, the float model's output sensitivity to each element of
+        it over the captured samples (None: unweighted; every entry None unless
+        ``output_sensitivity``)."""
+        if not self.output_sensitivity:
+            return [None] * len(outputs)
+        with quantizer_mode(gm, "float"):
+            return output_sensitivity(
+                gm, outputs, batches, self.max_samples, self.sensitivity_probes, seed
+            )
 
     def reconstruct(
         self,
@@ -361,11 +411,12 @@ class AdaRound(BlockReconstructionOptions):
     ) -> float:
         """Learn the rounding of ``unit``'s layers; returns the final reconstruction loss
         (unweighted). ``timesteps``: every captured sample's, for the adaptive weighting."""
-        sub, inputs, _ = unit_graph(gm, unit)
+        sub, inputs, outputs = unit_graph(gm, unit)
         at = (cursor, unit.nodes[0]) if cursor is not None else None
         data = capture_unit_inputs(gm, inputs, batches, self.max_samples, at)
         targets = unit_outputs(sub, data)
         kept = list(targets)
+        sensitivity = self.unit_output_weights(gm, outputs, batches, seed)
         rounding = RoundingVariables.start(gm, unit.layers)
         weighting = self.sample_weighting(timesteps)
         generator = torch.Generator().manual_seed(seed)
@@ -380,15 +431,17 @@ class AdaRound(BlockReconstructionOptions):
                     idx = torch.randint(len(data), (n,), generator=generator)
                     rounding.apply_soft()
                     outs = sub(*data.select(idx))
+                    weights = [_at(sensitivity[i], idx) for i in kept]
                     if weighting is None:
                         rec = sum(
-                            output_loss(outs[i], targets[i][idx], self.relative_loss) for i in kept
+                            output_loss(outs[i], targets[i][idx], self.relative_loss, w)
+                            for i, w in zip(kept, weights)
                         )
                         loss = rec
                     else:
                         per_sample = sum(
-                            sample_losses(outs[i], targets[i][idx], self.relative_loss)
-                            for i in kept
+                            sample_losses(outs[i], targets[i][idx], self.relative_loss, w)
+                            for i, w in zip(kept, weights)
                         )
                         rec = per_sample.mean()
                         loss = (weighting.weights(idx, per_sample) * per_sample).mean()

@@ -68,16 +68,22 @@ def fbr_loss(
     layer_weight: float = 0.8,
     relative: bool = False,
     per_sample: bool = False,
+    output_weights: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """FBR's loss: ``sum_o err(o) + layer_weight * sum_l err(l)`` with ``err(a, b) =
     mean over all but dim 1 of sum over dim 1 of (a - b)^2`` (BRECQ's reconstruction error;
     ``relative``: per sample relative to the target's energy,
     :func:`dmq_fx.methods.adaround.output_loss`). ``per_sample``: the loss of each sample
-    (shape ``[batch]``, its mean the scalar loss) for a per-sample weighting."""
+    (shape ``[batch]``, its mean the scalar loss) for a per-sample weighting.
+    ``output_weights``: per output, each element's squared error times it (None: 1), e.g. the
+    model's output sensitivity; the layer errors stay unweighted."""
     if len(outputs) != len(targets) or len(layer_outputs) != len(layer_targets):
         raise ValueError("fbr_loss: outputs and targets differ in number")
+    weights = [None] * len(outputs) if output_weights is None else list(output_weights)
+    if len(weights) != len(outputs):
+        raise ValueError("fbr_loss: output_weights and outputs differ in number")
     err = sample_losses if per_sample else output_loss
-    loss = sum(err(p, t, relative) for p, t in zip(outputs, targets))
+    loss = sum(err(p, t, relative, w) for p, t, w in zip(outputs, targets, weights))
     if layer_outputs:
         loss = loss + layer_weight * sum(
             err(p, t, relative) for p, t in zip(layer_outputs, layer_targets)
@@ -231,6 +237,8 @@ class FBR(BlockReconstructionOptions):
         out_idx = [i for i in targets if i < len(outputs)]
         layer_idx = [i for i in targets if i >= len(outputs)]
 
+        sensitivity = self.unit_output_weights(gm, outputs, batches, seed)
+        weights = [sensitivity[i] for i in out_idx]
         rounding = RoundingVariables.start(gm, unit.layers)
         learned = self._install_steps(gm, sub, names)
         weighting = self.sample_weighting(timesteps)
@@ -256,6 +264,7 @@ class FBR(BlockReconstructionOptions):
                         it,
                         generator,
                         weighting,
+                        weights,
                     )
                     opt.zero_grad()
                     loss.backward()
@@ -271,7 +280,18 @@ class FBR(BlockReconstructionOptions):
         return float(last)
 
     def _step(
-        self, sub, x_fp, x_q, targets, out_idx, layer_idx, rounding, it, generator, weighting
+        self,
+        sub,
+        x_fp,
+        x_q,
+        targets,
+        out_idx,
+        layer_idx,
+        rounding,
+        it,
+        generator,
+        weighting,
+        output_weights,
     ):
         n = min(self.batch_size, len(x_fp))
         idx = torch.randint(len(x_fp), (n,), generator=generator)
@@ -286,6 +306,7 @@ class FBR(BlockReconstructionOptions):
             self.layer_weight,
             self.relative_loss,
             per_sample=weighting is not None,
+            output_weights=[None if w is None else w[idx] for w in output_weights],
         )
         loss = rec
         if weighting is not None:
