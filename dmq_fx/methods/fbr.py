@@ -34,6 +34,7 @@ from torch.ao.quantization.fake_quantize import FakeQuantize
 
 from dmq_fx.errors import ConfigError
 from dmq_fx.graph.units import (
+    CapturedInputs,
     ReconstructionUnit,
     capture_unit_inputs,
     unit_graph,
@@ -147,6 +148,20 @@ class LearnedStepFakeQuantize(torch.nn.Module):
             self.fake_quant.scale.copy_(step.reshape(self.fake_quant.scale.shape))
 
 
+@dataclasses.dataclass
+class _UnitData:
+    """What FBR learns a unit from: its captured float and quantized inputs, the float targets
+    (output index -> tensor), which of them are the unit's outputs and which its layers', and
+    the outputs' element weights (None: unweighted)."""
+
+    x_fp: CapturedInputs
+    x_q: CapturedInputs
+    targets: dict[int, torch.Tensor]
+    out_idx: list[int]
+    layer_idx: list[int]
+    output_weights: list[torch.Tensor | None]
+
+
 def _quantize_unit(gm: fx.GraphModule, unit: ReconstructionUnit) -> None:
     """Turn on the unit's activation and weight quantizers (a learned unit quantizes)."""
     for node in unit.layers:
@@ -238,7 +253,7 @@ class FBR(BlockReconstructionOptions):
         layer_idx = [i for i in targets if i >= len(outputs)]
 
         sensitivity = self.unit_output_weights(gm, outputs, batches, seed)
-        weights = [sensitivity[i] for i in out_idx]
+        data = _UnitData(x_fp, x_q, targets, out_idx, layer_idx, [sensitivity[i] for i in out_idx])
         rounding = RoundingVariables.start(gm, unit.layers)
         learned = self._install_steps(gm, sub, names)
         weighting = self.sample_weighting(timesteps)
@@ -253,19 +268,7 @@ class FBR(BlockReconstructionOptions):
                 opt = torch.optim.Adam(params)
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.iterations)
                 for it in range(self.iterations):
-                    loss, last = self._step(
-                        sub,
-                        x_fp,
-                        x_q,
-                        targets,
-                        out_idx,
-                        layer_idx,
-                        rounding,
-                        it,
-                        generator,
-                        weighting,
-                        weights,
-                    )
+                    loss, last = self._step(sub, data, rounding, it, generator, weighting)
                     opt.zero_grad()
                     loss.backward()
                     distributed.average_gradients(p for g in params for p in g["params"])
@@ -279,20 +282,9 @@ class FBR(BlockReconstructionOptions):
         _quantize_unit(gm, unit)
         return float(last)
 
-    def _step(
-        self,
-        sub,
-        x_fp,
-        x_q,
-        targets,
-        out_idx,
-        layer_idx,
-        rounding,
-        it,
-        generator,
-        weighting,
-        output_weights,
-    ):
+    def _step(self, sub, data: _UnitData, rounding, it, generator, weighting):
+        x_fp, x_q, targets = data.x_fp, data.x_q, data.targets
+        out_idx, layer_idx, output_weights = data.out_idx, data.layer_idx, data.output_weights
         n = min(self.batch_size, len(x_fp))
         idx = torch.randint(len(x_fp), (n,), generator=generator)
         mixed = mix_inputs(x_fp.select(idx), x_q.select(idx), self.fp_share, generator)
