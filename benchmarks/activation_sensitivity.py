@@ -20,12 +20,8 @@ import torch
 from quality import CalibrationSets, reference_models
 
 import dmq_fx
-from dmq_fx.metrics import sqnr_db
+from dmq_fx.metrics import prediction, sqnr_db
 from dmq_fx.quantize.modes import input_quantizers, set_quantizer_mode
-
-
-def _prediction(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out.sample
 
 
 def main() -> None:
@@ -50,7 +46,7 @@ def main() -> None:
 
     def outputs() -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([_prediction(prepared(*a, **k)) for a, k in held_out])
+            return torch.cat([prediction(prepared(*a, **k)) for a, k in held_out])
 
     set_quantizer_mode(prepared, "float")
     reference = outputs()

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-__all__ = ["sqnr_db"]
+__all__ = ["prediction", "sqnr_db"]
+
+
+def prediction(result: Any) -> torch.Tensor:
+    """The prediction in a UNet's result: a diffusers output's ``sample``, a tuple's first
+    item, or the tensor itself (what the error measures compare)."""
+    if isinstance(result, torch.Tensor):
+        return result
+    if hasattr(result, "sample"):
+        return result.sample
+    return result[0]
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:

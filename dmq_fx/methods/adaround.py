@@ -131,11 +131,6 @@ def output_loss(
     return (pred - target).pow(2).sum(1).mean()
 
 
-def _at(weight: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
-    """The rows ``idx`` of a per-sample weight (None stays None)."""
-    return None if weight is None else weight[idx]
-
-
 def annealed_beta(
     iteration: int, iterations: int, warmup: float, beta_start: float, beta_end: float
 ) -> float:
@@ -431,7 +426,9 @@ class AdaRound(BlockReconstructionOptions):
                     idx = torch.randint(len(data), (n,), generator=generator)
                     rounding.apply_soft()
                     outs = sub(*data.select(idx))
-                    weights = [_at(sensitivity[i], idx) for i in kept]
+                    weights = [
+                        None if sensitivity[i] is None else sensitivity[i][idx] for i in kept
+                    ]
                     if weighting is None:
                         rec = sum(
                             output_loss(outs[i], targets[i][idx], self.relative_loss, w)

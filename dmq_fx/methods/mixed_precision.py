@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from dmq_fx.errors import ConfigError
 from dmq_fx.graph.model_identity import unet_paths
+from dmq_fx.metrics import prediction
 from dmq_fx.quantize.qconfig import (
     check_bits,
     get_default_qconfig_mapping,
@@ -94,7 +95,7 @@ def weight_sensitivity(
         raise ConfigError("weight_sensitivity: the mapping quantizes no Conv2d / Linear layer")
     data = list(data)
     with torch.no_grad():
-        reference = [_output(model(*args, **kwargs)) for args, kwargs in data]
+        reference = [prediction(model(*args, **kwargs)) for args, kwargs in data]
         signal = sum(float(r.double().pow(2).sum()) for r in reference)
         out = {}
         for name, module in tqdm(layers.items(), "weight sensitivity", disable=not progress):
@@ -102,7 +103,7 @@ def weight_sensitivity(
             handle = module.register_forward_hook(_with_weight(weight))
             try:
                 noise = sum(
-                    float((_output(model(*args, **kwargs)) - r).double().pow(2).sum())
+                    float((prediction(model(*args, **kwargs)) - r).double().pow(2).sum())
                     for (args, kwargs), r in zip(data, reference)
                 )
             finally:
@@ -118,15 +119,6 @@ def _with_weight(weight: torch.Tensor):
         return torch.nn.functional.linear(inputs[0], weight, module.bias)
 
     return hook
-
-
-def _output(result: Any) -> torch.Tensor:
-    """The sample tensor of a diffusers output (or a plain tensor / tuple)."""
-    if isinstance(result, torch.Tensor):
-        return result
-    if hasattr(result, "sample"):
-        return result.sample
-    return result[0]
 
 
 def mixed_precision_mapping(

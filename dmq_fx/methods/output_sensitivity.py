@@ -16,25 +16,13 @@ from collections.abc import Sequence
 
 import torch
 from torch import fx
-from torch.utils import _pytree as pytree
 
 from dmq_fx.errors import CalibrationError
 from dmq_fx.graph.units import Batch, bind_inputs
+from dmq_fx.metrics import prediction
 from dmq_fx.quantize import distributed
 
 __all__ = ["output_sensitivity"]
-
-
-def _model_output(value) -> torch.Tensor:
-    """The model's prediction: the first floating-point tensor of its output (a UNet's
-    ``sample``)."""
-    for leaf in pytree.tree_leaves(value):
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            return leaf
-    # diffusers output classes are dicts that pytree may not flatten
-    if isinstance(value, dict):
-        return _model_output(list(value.values()))
-    raise CalibrationError("output_sensitivity: the model returns no floating-point tensor")
 
 
 def output_sensitivity(
@@ -85,7 +73,11 @@ def output_sensitivity(
             for v in bind_inputs(gm, args, kwargs)
         ]
         with torch.enable_grad():
-            out = _model_output(Record(gm).run(*inputs))
+            out = prediction(Record(gm).run(*inputs))
+            if not (isinstance(out, torch.Tensor) and out.is_floating_point()):
+                raise CalibrationError(
+                    "output_sensitivity: the model's prediction is not a floating-point tensor"
+                )
             batch = out.shape[0]
             for k, n in enumerate(wanted):
                 v = seen.get(n)
