@@ -46,6 +46,10 @@ dmq+eda-fbr300-timestep-weighted / dmq+eda-fbr800-timestep-weighted: FBR's loss 
 sampling step as LES's is (DMQ's adaptive timestep weighting, timestep_weighting="adaptive").
 dmq+eda-sensitivity: FBR weighs each element of a unit's output error by the float model's
 output sensitivity to it (output_sensitivity=True, docs/methods/adaround.md).
+"<method>-tuned" (dmq+eda, minmax): the method, then the float parameters (layer biases, norm
+affines) tuned to the float model's output (stage tune_float_params,
+docs/methods/float_tuning.md); run after "<method>" in one call, it starts from that row's
+calibration (its calib_s includes it).
 Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the default run is 1000 samples, 32 per step (hours per learned method on 2 CPU
@@ -199,25 +203,46 @@ class CalibrationSets:
 
 
 # -- methods: (float unet, bits, calibration sets) -> quantized graph ------------------------------
+#: calibrated graphs by their settings, so that a method that adds stages to another (e.g.
+#: dmq+eda-tuned) starts from that one's calibration: (graph, its calibration seconds)
+_CALIBRATED: dict = {}
+
+
 def _dmq_fx(
     preset: str,
     data: str = "uniform",
     mixed_bits: float | None = None,
     activation_ranges: str = "minmax",
     reconstruction: dict | None = None,
+    then: tuple[str, ...] = (),
 ):
     """A dmq_fx preset on the uniform calibration set, a TDAC selection (``data="tdac"``), or
     one with a quarter of the uniform per-step count guaranteed at every step
     (``"tdac-min"``, for DMQ's per-step stages). ``mixed_bits``: automatic mixed precision, the
     most weight-sensitive layers at 8 bits within that average weight width (the effective bits
     are printed); ``activation_ranges``: "minmax" or "histogram"; ``reconstruction``: fields
-    replaced in the preset's AdaRound / FBR stage (e.g. ``{"relative_loss": True}``)."""
+    replaced in the preset's AdaRound / FBR stage (e.g. ``{"relative_loss": True}``); ``then``:
+    stages run after the preset's, on a copy of the preset's calibration when this run made it
+    already (the row's calib_s is both parts)."""
 
     def build(unet, bits, sets: CalibrationSets):
-        if data == "uniform":
-            calib = sets.uniform
-        else:
-            calib = sets.tdac(max(1, sets.per_step // 4) if data == "tdac-min" else 0)
+        key = (id(unet), bits, sets.seed, preset, data, mixed_bits, activation_ranges)
+        key += (tuple(sorted((reconstruction or {}).items())),)
+        if key not in _CALIBRATED:
+            t = time.perf_counter()
+            _CALIBRATED[key] = (calibrated(unet, bits, sets), time.perf_counter() - t)
+        graph, base_s = _CALIBRATED[key]
+        graph = copy.deepcopy(graph)
+        t = time.perf_counter()
+        if then:
+            calib = sets.uniform if data == "uniform" else sets.tdac(_min_per_step(data, sets))
+            batches = list(calib.batches(32, seed=sets.seed))
+            dmq_fx.calibrate(graph, batches, list(then), progress=False)
+        lowered = dmq_fx.convert_fx(graph, "x86")
+        return lowered, round(base_s + time.perf_counter() - t, 1)
+
+    def calibrated(unet, bits, sets: CalibrationSets):
+        calib = sets.uniform if data == "uniform" else sets.tdac(_min_per_step(data, sets))
         wb, ab = parse_bits(bits)
         example = next(calib.batches(8, shuffle=False))
         stages = [dmq_fx.STAGES[name] for name in dmq_fx.PRESETS[preset].stages]
@@ -252,9 +277,14 @@ def _dmq_fx(
             **dmq_fx.PREPARE_FLAGS[preset],
         )
         dmq_fx.calibrate(prepared, list(calib.batches(32, seed=sets.seed)), stages, progress=False)
-        return dmq_fx.convert_fx(prepared, "x86")
+        return prepared
 
     return build
+
+
+def _min_per_step(data: str, sets: CalibrationSets) -> int:
+    """TDAC's guaranteed per-step count: a quarter of the uniform one for "tdac-min"."""
+    return max(1, sets.per_step // 4) if data == "tdac-min" else 0
 
 
 def _torchao_fx(unet, bits, sets: CalibrationSets):
@@ -384,6 +414,8 @@ METHODS: dict[str, Callable | None] = {
     "dmq+eda-sensitivity": _dmq_fx(
         "dmq+eda", data="tdac-min", reconstruction={"output_sensitivity": True}
     ),
+    "dmq+eda-tuned": _dmq_fx("dmq+eda", data="tdac-min", then=("tune_float_params",)),
+    "minmax-tuned": _dmq_fx("minmax", then=("tune_float_params",)),
     "minmax-mp4.25": _dmq_fx("minmax", mixed_bits=4.25),
     "minmax-mp4.5": _dmq_fx("minmax", mixed_bits=4.5),
     "minmax-mp5": _dmq_fx("minmax", mixed_bits=5.0),

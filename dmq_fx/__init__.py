@@ -24,6 +24,7 @@ from dmq_fx.lowering.convert import BACKENDS, convert_fx
 from dmq_fx.methods import adaround, fbr, les, pts
 from dmq_fx.methods.adaround import AdaRound
 from dmq_fx.methods.fbr import FBR
+from dmq_fx.methods.float_tuning import TuneFloatParameters
 from dmq_fx.methods.les import LearnLES, SmoothQuantScales
 from dmq_fx.methods.mixed_precision import (
     MixedPrecision,
@@ -77,6 +78,7 @@ __all__ = [
     "LoadError",
     "ReferenceFormWarning",
     "LearnLES",
+    "TuneFloatParameters",
     "MixedPrecision",
     "mixed_precision_mapping",
     "weight_sensitivity",

@@ -116,6 +116,9 @@ class GraphState:
     prepare_flags: dict[str, Any] | None = None
     #: names of the calibration stages run, in order
     stages_run: list[str] = field(default_factory=list)
+    #: qualified names of the float parameters calibration changed (``tune_float_params``):
+    #: part of the learned state, unlike the other float weights
+    tuned_parameters: list[str] = field(default_factory=list)
     #: converted graphs: the lowering backend and what they came from
     backend: str | None = None
     converted_from: ConvertedFrom | None = None

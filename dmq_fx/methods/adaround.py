@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch.ao.quantization.fake_quantize import FakeQuantize
 from tqdm.auto import tqdm
 
 from dmq_fx.errors import ConfigError
@@ -41,6 +42,7 @@ from dmq_fx.passes import weight_before_quantization, weight_quantizer
 from dmq_fx.quantize import distributed
 from dmq_fx.quantize.modes import (
     fix_quantizer_modes,
+    input_quantizers,
     quantizer_mode,
     set_quantizer_mode,
     weight_quantizers,
@@ -53,6 +55,8 @@ __all__ = [
     "RoundingVariables",
     "annealed_beta",
     "rectified_sigmoid",
+    "require_activation_qparams",
+    "require_weight_qparams",
     "sample_losses",
 ]
 
@@ -216,6 +220,19 @@ def require_weight_qparams(gm: fx.GraphModule, stage: str) -> None:
             raise ConfigError(
                 f"{stage} learns the rounding under fixed weight qparams: run 'observe_weights' "
                 "before it"
+            )
+
+
+def require_activation_qparams(gm: fx.GraphModule, stage: str) -> None:
+    """Raise ConfigError unless ``observe_activations`` has recorded every activation range."""
+    for q in input_quantizers(gm):
+        if (
+            isinstance(q, FakeQuantize)
+            and not torch.isfinite(q.activation_post_process.min_val).all()
+        ):
+            raise ConfigError(
+                f"{stage} starts from the observed activation ranges: run "
+                "'observe_activations' before it"
             )
 
 

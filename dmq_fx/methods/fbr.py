@@ -43,6 +43,7 @@ from dmq_fx.methods.adaround import (
     BlockReconstructionOptions,
     RoundingVariables,
     output_loss,
+    require_activation_qparams,
     require_weight_qparams,
     sample_losses,
     unit_outputs,
@@ -51,7 +52,6 @@ from dmq_fx.observers import PowerOfTwoFakeQuantize
 from dmq_fx.quantize import distributed
 from dmq_fx.quantize.modes import (
     fix_quantizer_modes,
-    input_quantizers,
     layer_input_quantizer_names,
     layer_quantizers,
     quantizer_mode,
@@ -215,15 +215,7 @@ class FBR(BlockReconstructionOptions):
 
     def __call__(self, gm: fx.GraphModule, ctx: CalibrationContext) -> None:
         require_weight_qparams(gm, self.name)
-        for q in input_quantizers(gm):
-            if (
-                isinstance(q, FakeQuantize)
-                and not torch.isfinite(q.activation_post_process.min_val).all()
-            ):
-                raise ConfigError(
-                    "fbr learns activation steps from the observed ones: run "
-                    "'observe_activations' before it"
-                )
+        require_activation_qparams(gm, self.name)
         # a restored unit quantizes, as learn_unit leaves it
         self.reconstruct(gm, ctx, restored=lambda unit: _quantize_unit(gm, unit))
 

@@ -16,6 +16,7 @@ from typing import Any
 from dmq_fx.errors import ConfigError
 from dmq_fx.methods.adaround import AdaRound
 from dmq_fx.methods.fbr import FBR
+from dmq_fx.methods.float_tuning import TuneFloatParameters
 from dmq_fx.methods.les import LearnLES, SmoothQuantScales
 from dmq_fx.methods.pts import VOTE_PTS
 from dmq_fx.quantize.observe import OBSERVE_ACTIVATIONS, OBSERVE_WEIGHTS
@@ -67,6 +68,7 @@ STAGES: Mapping[str, Stage] = _stages(
     FBR(),
     FBR.long(),
     FBR.paper(),
+    TuneFloatParameters(),
 )
 
 #: min-max PTQ: activation ranges from the data, weight ranges by MSE grid search.

@@ -91,4 +91,5 @@ def prepare_fx(
     }
     record.state = "prepared"
     record.stages_run = []
+    record.tuned_parameters = []
     return gm

@@ -26,8 +26,9 @@ def learned_state(
     prepared: fx.GraphModule, modules: Callable[[str], bool] | None = None
 ) -> dict[str, torch.Tensor]:
     """Copies of the tensors calibration sets in a prepared graph: the state of every
-    quantizer and LES scale module (the float weights excluded); ``modules``, if given, picks
-    the modules by qualified name."""
+    quantizer and LES scale module and the float parameters calibration tuned
+    (``GraphState.tuned_parameters``; the other float weights excluded); ``modules``, if given,
+    picks the modules by qualified name."""
     out: dict[str, torch.Tensor] = {}
     roots: list[str] = []
     for name, module in prepared.named_modules():
@@ -37,6 +38,10 @@ def learned_state(
                 continue
             for key, value in module.state_dict(prefix=f"{name}.").items():
                 out[key] = value.detach().clone()
+    meta = graph_state(prepared)
+    for key in meta.tuned_parameters if meta is not None else ():
+        if modules is None or modules(key.rpartition(".")[0]):
+            out[key] = prepared.get_parameter(key).detach().clone()
     return out
 
 
@@ -96,11 +101,23 @@ def grow_tables(prepared: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> N
 
 
 def assign_state(prepared: fx.GraphModule, tensors: dict[str, torch.Tensor]) -> None:
-    """Put saved quantizer / LES tensors into ``prepared`` (buffers that change shape, such as
-    PTS exponents or learned roundings, are replaced)."""
+    """Put saved quantizer / LES tensors and tuned float parameters into ``prepared`` (buffers
+    that change shape, such as PTS exponents or learned roundings, are replaced)."""
     grow_tables(prepared, tensors)
     for key, value in tensors.items():
         _assign(prepared, key, value)
+    # a saved float parameter (no quantizer's or LES scale's) was tuned by calibration: it stays
+    # part of the learned state
+    states = [name for name, m in prepared.named_modules() if isinstance(m, _STATE_TYPES)]
+    tuned = [
+        key
+        for key in tensors
+        if not any(key.startswith(f"{name}.") for name in states)
+        and key.rpartition(".")[2] in prepared.get_submodule(key.rpartition(".")[0])._parameters
+    ]
+    meta = graph_state(prepared)
+    if tuned and meta is not None:
+        meta.tuned_parameters = sorted({*meta.tuned_parameters, *tuned})
 
 
 def _assign(gm: fx.GraphModule, key: str, value: torch.Tensor) -> None:
