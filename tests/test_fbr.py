@@ -1,7 +1,7 @@
 import pytest
 import torch
 from conftest import LOWERED_MIN_SQNR_DB, calibration_data
-from dmq_fx.observers import PowerOfTwoFakeQuantize
+from dmq_fx.observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
 from dmq_fx.passes import input_quantizer_name, weight_quantizer
 from test_adaround import _observed
 
@@ -205,3 +205,26 @@ def test_every_preset_lowers_within_the_documented_bound(preset):
     assert sqnr_db(sim, low) >= LOWERED_MIN_SQNR_DB and not torch.equal(sim, fp)
     # summary() lists the stages the preset ran
     assert dmq_fx.summary(lowered).header["stages"].count(">") == len(stages) - 1
+
+
+def test_fbr_with_timestep_tables_learns_rounding_and_keeps_the_tables():
+    # the table quantizers are called with the timestep as well: the learning loop's
+    # fixed-mode stand-ins pass it on
+    model = build_unet(TINY_DDPM)
+    a, k = example_inputs(model, batch=4)
+    prepared = dmq_fx.prepare_fx(
+        model, dmq_fx.get_default_qconfig_mapping(4, 8), a, k, timestep_tables=True
+    )
+    data = calibration_data(model)
+    dmq_fx.calibrate(prepared, data, ["observe_activations", "observe_weights"], progress=False)
+    tables = {
+        name: {key: v.clone() for key, v in m.state_dict().items()}
+        for name, m in prepared.named_modules()
+        if isinstance(m, TimestepTableFakeQuantize)
+    }
+    assert tables
+    dmq_fx.calibrate(prepared, data, [FBR(iterations=4, max_samples=8)], progress=False)
+    for name, state in tables.items():
+        now = prepared.get_submodule(name).state_dict()
+        assert all(torch.equal(now[key], v) for key, v in state.items()), name
+    assert all(n.meta["dmq_fx"].adaround for n in quantized_layer_nodes(prepared))

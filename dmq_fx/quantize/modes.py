@@ -136,10 +136,11 @@ class FixedModeQuantizer(torch.nn.Module):
         self.quantizing = bool(quantizer.fake_quant_enabled[0])
         self.plain = type(quantizer) is FakeQuantize
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
+        # (a per-timestep table quantizer is called with the timestep too)
         q = self.quantizer
         if self.observing or (self.quantizing and not self.plain):
-            return q(x)
+            return q(x, *args)
         if not self.quantizing:
             return x
         if q.is_per_channel:
