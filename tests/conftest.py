@@ -56,6 +56,7 @@ CHEAP_STAGES = {
     "adaround": dmq_fx.AdaRound(iterations=8, max_samples=8),
     "fbr": dmq_fx.FBR(iterations=8, max_samples=8),
     "fbr_800": dmq_fx.FBR(iterations=8, max_samples=8),
+    "tune_float_params": dmq_fx.TuneFloatParameters(iterations=4),
 }
 
 

@@ -29,6 +29,7 @@ CHEAP = {
     "adaround": dmq_fx.AdaRound(iterations=6, max_samples=8),
     "fbr": dmq_fx.FBR(iterations=6, max_samples=8),
     "fbr_800": dmq_fx.FBR(iterations=6, max_samples=8),
+    "tune_float_params": dmq_fx.TuneFloatParameters(iterations=4),
 }
 
 

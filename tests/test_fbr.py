@@ -174,7 +174,11 @@ def test_every_preset_names_registered_stages_and_its_prepare_flags():
     assert dmq_fx.PRESETS["eda-dm"][-1] == "fbr" and dmq_fx.PREPARE_FLAGS["eda-dm"] == {}
     assert dmq_fx.PREPARE_FLAGS["dmq+eda"] == {"les": True, "pts": "skip"}
     # dmq+eda's FBR runs longer than eda-dm's (its LES dominates the calibration time)
-    assert dmq_fx.STAGES[dmq_fx.PRESETS["dmq+eda"][-1]] == FBR.long()
+    assert dmq_fx.STAGES[dmq_fx.PRESETS["dmq+eda"][-2]] == FBR.long()
+    # then its float parameters are tuned to the output (the paper variants keep the papers'
+    # recipes)
+    assert dmq_fx.PRESETS["dmq+eda"][-1] == "tune_float_params"
+    assert "tune_float_params" not in dmq_fx.PRESETS["dmq+eda-paper"]
     assert FBR.long().iterations > dmq_fx.STAGES[dmq_fx.PRESETS["eda-dm"][-1]].iterations
 
 
@@ -186,6 +190,7 @@ FAST_STAGES = {
     "fbr": FBR(iterations=2, max_samples=8),
     "fbr_800": FBR(iterations=2, max_samples=8),
     "fbr_paper": FBR(iterations=2, max_samples=8),
+    "tune_float_params": dmq_fx.TuneFloatParameters(iterations=2),
 }
 DISTINCT = sorted(p for p in dmq_fx.PRESETS if not p.endswith("-paper"))
 

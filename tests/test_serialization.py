@@ -26,6 +26,7 @@ def _calibrated(config, preset, wb=4, ab=8, **flags):
         "adaround": dmq_fx.AdaRound(iterations=2, max_samples=8),
         "fbr": dmq_fx.FBR(iterations=2, max_samples=8, step_lr=1e-2),
         "fbr_800": dmq_fx.FBR(iterations=2, max_samples=8, step_lr=1e-2),
+        "tune_float_params": dmq_fx.TuneFloatParameters(iterations=2),
     }
     stages = [fast.get(s, s) for s in dmq_fx.PRESETS[preset]]
     dmq_fx.calibrate(prepared, calibration_data(model), stages, progress=False)

@@ -123,9 +123,17 @@ PRESETS: Mapping[str, Preset] = _presets(
     Preset("eda-dm-paper", (*_OBSERVE, "fbr_paper"), {}, "FBR at EDA-DM's budget"),
     Preset(
         "dmq+eda",
-        ("learn_les", "observe_activations", "vote_pts", "observe_weights", "fbr_800"),
+        (
+            "learn_les",
+            "observe_activations",
+            "vote_pts",
+            "observe_weights",
+            "fbr_800",
+            "tune_float_params",
+        ),
         _DMQ,
-        "DMQ's LES and PTS with EDA-DM's FBR (800 iterations per block)",
+        "DMQ's LES and PTS with EDA-DM's FBR (800 iterations per block), then the float "
+        "parameters tuned to the output",
     ),
     Preset(
         "dmq+eda-paper",
