@@ -46,10 +46,12 @@ dmq+eda-fbr300-timestep-weighted / dmq+eda-fbr800-timestep-weighted: FBR's loss 
 sampling step as LES's is (DMQ's adaptive timestep weighting, timestep_weighting="adaptive").
 dmq+eda-sensitivity: FBR weighs each element of a unit's output error by the float model's
 output sensitivity to it (output_sensitivity=True, docs/methods/adaround.md).
-"<method>-tuned" (dmq+eda, minmax): the method, then the float parameters (layer biases, norm
-affines) tuned to the float model's output (stage tune_float_params,
-docs/methods/float_tuning.md); run after "<method>" in one call, it starts from that row's
-calibration (its calib_s includes it).
+dmq+eda is the preset as it is now: its last stage tunes the float parameters (layer biases,
+norm affines) to the float model's output (tune_float_params, docs/methods/float_tuning.md);
+dmq+eda-untuned is the preset without that stage, as it was before, and so is every other
+dmq+eda-<lever> row (the levers were measured on it). minmax-tuned: minmax, then
+tune_float_params. A row with the tuning starts from the calibration of the same row without
+it when that ran first in the call (its calib_s includes that calibration).
 Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the default run is 1000 samples, 32 per step (hours per learned method on 2 CPU
@@ -203,6 +205,9 @@ class CalibrationSets:
 
 
 # -- methods: (float unet, bits, calibration sets) -> quantized graph ------------------------------
+#: the stage that tunes the float parameters to the output: run after the rest of a preset
+TUNING = "tune_float_params"
+
 #: calibrated graphs by their settings, so that a method that adds stages to another (e.g.
 #: dmq+eda-tuned) starts from that one's calibration: (graph, its calibration seconds)
 _CALIBRATED: dict = {}
@@ -215,6 +220,7 @@ def _dmq_fx(
     activation_ranges: str = "minmax",
     reconstruction: dict | None = None,
     then: tuple[str, ...] = (),
+    untuned: bool = False,
 ):
     """A dmq_fx preset on the uniform calibration set, a TDAC selection (``data="tdac"``), or
     one with a quarter of the uniform per-step count guaranteed at every step
@@ -223,7 +229,9 @@ def _dmq_fx(
     are printed); ``activation_ranges``: "minmax" or "histogram"; ``reconstruction``: fields
     replaced in the preset's AdaRound / FBR stage (e.g. ``{"relative_loss": True}``); ``then``:
     stages run after the preset's, on a copy of the preset's calibration when this run made it
-    already (the row's calib_s is both parts)."""
+    already (the row's calib_s is both parts). A preset's last stage ``tune_float_params`` is
+    run that way too, so a preset and its ``untuned=True`` row (without that stage) share one
+    calibration."""
 
     def build(unet, bits, sets: CalibrationSets):
         key = (id(unet), bits, sets.seed, preset, data, mixed_bits, activation_ranges)
@@ -234,10 +242,12 @@ def _dmq_fx(
         graph, base_s = _CALIBRATED[key]
         graph = copy.deepcopy(graph)
         t = time.perf_counter()
-        if then:
+        tuned = TUNING in dmq_fx.PRESETS[preset].stages and not untuned
+        then_stages = (TUNING,) * tuned + tuple(then)
+        if then_stages:
             calib = sets.uniform if data == "uniform" else sets.tdac(_min_per_step(data, sets))
             batches = list(calib.batches(32, seed=sets.seed))
-            dmq_fx.calibrate(graph, batches, list(then), progress=False)
+            dmq_fx.calibrate(graph, batches, list(then_stages), progress=False)
         lowered = dmq_fx.convert_fx(graph, "x86")
         return lowered, round(base_s + time.perf_counter() - t, 1)
 
@@ -245,7 +255,8 @@ def _dmq_fx(
         calib = sets.uniform if data == "uniform" else sets.tdac(_min_per_step(data, sets))
         wb, ab = parse_bits(bits)
         example = next(calib.batches(8, shuffle=False))
-        stages = [dmq_fx.STAGES[name] for name in dmq_fx.PRESETS[preset].stages]
+        names = [name for name in dmq_fx.PRESETS[preset].stages if name != TUNING]
+        stages = [dmq_fx.STAGES[name] for name in names]
         if reconstruction:
             stages = [
                 dataclasses.replace(s, **reconstruction)
@@ -396,35 +407,46 @@ METHODS: dict[str, Callable | None] = {
     "eda-dm": _dmq_fx("eda-dm", data="tdac"),
     "eda-dm-uniform": _dmq_fx("eda-dm"),
     "dmq+eda": _dmq_fx("dmq+eda", data="tdac-min"),
+    "dmq+eda-untuned": _dmq_fx("dmq+eda", untuned=True, data="tdac-min"),
     "dmq+eda-fbr300-relative": _dmq_fx(
-        "dmq+eda", data="tdac-min", reconstruction={"iterations": 300, "relative_loss": True}
+        "dmq+eda",
+        untuned=True,
+        data="tdac-min",
+        reconstruction={"iterations": 300, "relative_loss": True},
     ),
-    "dmq+eda-fbr300": _dmq_fx("dmq+eda", data="tdac-min", reconstruction={"iterations": 300}),
-    "dmq+eda-fbr800": _dmq_fx("dmq+eda", data="tdac-min", reconstruction={"iterations": 800}),
+    "dmq+eda-fbr300": _dmq_fx(
+        "dmq+eda", untuned=True, data="tdac-min", reconstruction={"iterations": 300}
+    ),
+    "dmq+eda-fbr800": _dmq_fx(
+        "dmq+eda", untuned=True, data="tdac-min", reconstruction={"iterations": 800}
+    ),
     "dmq+eda-fbr300-timestep-weighted": _dmq_fx(
         "dmq+eda",
+        untuned=True,
         data="tdac-min",
         reconstruction={"iterations": 300, "timestep_weighting": "adaptive"},
     ),
     "dmq+eda-fbr800-timestep-weighted": _dmq_fx(
         "dmq+eda",
+        untuned=True,
         data="tdac-min",
         reconstruction={"iterations": 800, "timestep_weighting": "adaptive"},
     ),
     "dmq+eda-sensitivity": _dmq_fx(
-        "dmq+eda", data="tdac-min", reconstruction={"output_sensitivity": True}
+        "dmq+eda", untuned=True, data="tdac-min", reconstruction={"output_sensitivity": True}
     ),
-    "dmq+eda-tuned": _dmq_fx("dmq+eda", data="tdac-min", then=("tune_float_params",)),
-    "minmax-tuned": _dmq_fx("minmax", then=("tune_float_params",)),
+    "minmax-tuned": _dmq_fx("minmax", then=(TUNING,)),
     "minmax-mp4.25": _dmq_fx("minmax", mixed_bits=4.25),
     "minmax-mp4.5": _dmq_fx("minmax", mixed_bits=4.5),
     "minmax-mp5": _dmq_fx("minmax", mixed_bits=5.0),
-    "dmq+eda-mp4.5": _dmq_fx("dmq+eda", data="tdac-min", mixed_bits=4.5),
+    "dmq+eda-mp4.5": _dmq_fx("dmq+eda", untuned=True, data="tdac-min", mixed_bits=4.5),
     "minmax-hist": _dmq_fx("minmax", activation_ranges="histogram"),
     "minmax-mp4.5-hist": _dmq_fx("minmax", mixed_bits=4.5, activation_ranges="histogram"),
-    "dmq+eda-hist": _dmq_fx("dmq+eda", data="tdac-min", activation_ranges="histogram"),
+    "dmq+eda-hist": _dmq_fx(
+        "dmq+eda", untuned=True, data="tdac-min", activation_ranges="histogram"
+    ),
     "dmq+eda-mp4.5-hist": _dmq_fx(
-        "dmq+eda", data="tdac-min", mixed_bits=4.5, activation_ranges="histogram"
+        "dmq+eda", untuned=True, data="tdac-min", mixed_bits=4.5, activation_ranges="histogram"
     ),
 }
 
