@@ -93,3 +93,16 @@ def assert_unchanged(model, snapshot):
         assert torch.equal(now[k], v), k
     assert model.training == training
     assert dict(model.named_modules()).keys() == names
+
+
+def assert_needs_observed_qparams(stage: str) -> None:
+    """``stage`` refuses a graph whose weight qparams, then activation ranges, are not observed,
+    naming the stage and the missing one."""
+    model = build_unet(TINY_DDPM)
+    a, k = example_inputs(model, batch=4)
+    fresh = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(4, 8), a, k)
+    data = calibration_data(model)
+    with pytest.raises(dmq_fx.ConfigError, match=f"{stage} .*observe_weights"):
+        dmq_fx.calibrate(fresh, data, [stage], progress=False)
+    with pytest.raises(dmq_fx.ConfigError, match=f"{stage} .*observe_activations"):
+        dmq_fx.calibrate(fresh, data, ["observe_weights", stage], progress=False)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import LOWERED_MIN_SQNR_DB, calibration_data
+from conftest import LOWERED_MIN_SQNR_DB, assert_needs_observed_qparams, calibration_data
 from dmq_fx.observers import PowerOfTwoFakeQuantize, TimestepTableFakeQuantize
 from dmq_fx.passes import input_quantizer_name, weight_quantizer
 from test_adaround import _observed
@@ -155,14 +155,7 @@ def test_fbr_is_deterministic_and_needs_observed_qparams():
             for n in quantized_layer_nodes(gm)
         ]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
-    model = build_unet(TINY_DDPM)
-    a, k = example_inputs(model, batch=4)
-    fresh = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(4, 8), a, k)
-    data = calibration_data(model)
-    with pytest.raises(dmq_fx.ConfigError, match="observe_weights"):
-        dmq_fx.calibrate(fresh, data, ["fbr"], progress=False)
-    with pytest.raises(dmq_fx.ConfigError, match="observe_activations"):
-        dmq_fx.calibrate(fresh, data, ["observe_weights", "fbr"], progress=False)
+    assert_needs_observed_qparams("fbr")
     with pytest.raises(dmq_fx.ConfigError, match="fp_share"):
         FBR(fp_share=1.5)
 

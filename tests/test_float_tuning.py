@@ -2,7 +2,12 @@
 
 import pytest
 import torch
-from conftest import assert_unchanged, calibration_data, state_snapshot
+from conftest import (
+    assert_needs_observed_qparams,
+    assert_unchanged,
+    calibration_data,
+    state_snapshot,
+)
 
 import dmq_fx
 from dmq_fx.graph.meta import graph_state
@@ -145,11 +150,4 @@ def test_bad_settings_and_missing_qparams_are_refused():
         TuneFloatParameters(iterations=-1)
     with pytest.raises(dmq_fx.ConfigError, match="lr must be > 0"):
         TuneFloatParameters(lr=0)
-    model = build_unet(TINY_DDPM)
-    a, k = example_inputs(model, batch=4)
-    fresh = dmq_fx.prepare_fx(model, dmq_fx.get_default_qconfig_mapping(4, 8), a, k)
-    data = calibration_data(model)
-    with pytest.raises(dmq_fx.ConfigError, match="tune_float_params .*observe_weights"):
-        dmq_fx.calibrate(fresh, data, ["tune_float_params"], progress=False)
-    with pytest.raises(dmq_fx.ConfigError, match="tune_float_params .*observe_activations"):
-        dmq_fx.calibrate(fresh, data, ["observe_weights", "tune_float_params"], progress=False)
+    assert_needs_observed_qparams("tune_float_params")
