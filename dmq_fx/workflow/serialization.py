@@ -2,7 +2,8 @@
 
 A file holds only what calibration produced, never the float weights nor code: the state of
 every quantizer and LES scale (activation steps and zero points, PTS exponents, per-timestep
-tables, weight qparams, learned roundings, tau) as safetensors tensors, and a JSON config in the
+tables, weight qparams, learned roundings, tau) and the float parameters calibration tuned
+(``tune_float_params``: biases, norm affines) as safetensors tensors, and a JSON config in the
 safetensors metadata (format version, the float model's class, config and weight fingerprint,
 the example input shapes the graph was traced with, the ``prepare_fx`` flags, each quantized
 layer's bits and rewrites, the calibration stages, the lowering backend, library versions).
