@@ -52,6 +52,9 @@ dmq+eda-untuned is the preset without that stage, as it was before, and so is ev
 dmq+eda-<lever> row (the levers were measured on it). minmax-tuned: minmax, then
 tune_float_params. A row with the tuning starts from the calibration of the same row without
 it when that ran first in the call (its calib_s includes that calibration).
+dmq+eda-guided: dmq+eda whose tuning matches the classifier-free guided prediction on the text
+model (TuneFloatParameters(guidance_scale=4), batches of guidance pairs); on fashion28, which
+samples without guidance, the same as dmq+eda.
 Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the default run is 1000 samples, 32 per step (hours per learned method on 2 CPU
@@ -221,6 +224,7 @@ def _dmq_fx(
     reconstruction: dict | None = None,
     then: tuple[str, ...] = (),
     untuned: bool = False,
+    guided_tuning: bool = False,
 ):
     """A dmq_fx preset on the uniform calibration set, a TDAC selection (``data="tdac"``), or
     one with a quarter of the uniform per-step count guaranteed at every step
@@ -231,7 +235,8 @@ def _dmq_fx(
     stages run after the preset's, on a copy of the preset's calibration when this run made it
     already (the row's calib_s is both parts). A preset's last stage ``tune_float_params`` is
     run that way too, so a preset and its ``untuned=True`` row (without that stage) share one
-    calibration."""
+    calibration. ``guided_tuning``: on a model sampled with classifier-free guidance, that
+    stage matches the guided prediction (``guidance_scale``, on batches of guidance pairs)."""
 
     def build(unet, bits, sets: CalibrationSets):
         key = (id(unet), bits, sets.seed, preset, data, mixed_bits, activation_ranges)
@@ -246,8 +251,13 @@ def _dmq_fx(
         then_stages = (TUNING,) * tuned + tuple(then)
         if then_stages:
             calib = sets.uniform if data == "uniform" else sets.tdac(_min_per_step(data, sets))
-            batches = list(calib.batches(32, seed=sets.seed))
-            dmq_fx.calibrate(graph, batches, list(then_stages), progress=False)
+            guided = guided_tuning and calib.unconditional is not None
+            batches = list(calib.batches(32, seed=sets.seed, guidance_pairs=guided))
+            stages = [
+                dmq_fx.TuneFloatParameters(guidance_scale=GUIDANCE) if guided and s == TUNING else s
+                for s in then_stages
+            ]
+            dmq_fx.calibrate(graph, batches, stages, progress=False)
         lowered = dmq_fx.convert_fx(graph, "x86")
         return lowered, round(base_s + time.perf_counter() - t, 1)
 
@@ -408,6 +418,7 @@ METHODS: dict[str, Callable | None] = {
     "eda-dm-uniform": _dmq_fx("eda-dm"),
     "dmq+eda": _dmq_fx("dmq+eda", data="tdac-min"),
     "dmq+eda-untuned": _dmq_fx("dmq+eda", untuned=True, data="tdac-min"),
+    "dmq+eda-guided": _dmq_fx("dmq+eda", data="tdac-min", guided_tuning=True),
     "dmq+eda-fbr300-relative": _dmq_fx(
         "dmq+eda",
         untuned=True,

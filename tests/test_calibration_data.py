@@ -115,6 +115,53 @@ def test_collector_records_both_guidance_halves():
         collect_calibration_data(model, ddim(), guidance_scale=7.5, progress=False)
 
 
+def _guided_data(steps=3, per_step=4):
+    return collect_calibration_data(
+        build_unet(TINY_SD),
+        ddim(),
+        num_inference_steps=steps,
+        samples_per_step=per_step,
+        prompt_embeds=torch.randn(3, 7, 24, generator=torch.Generator().manual_seed(0)),
+        negative_prompt_embeds=torch.zeros(1, 7, 24),
+        guidance_scale=7.5,
+        progress=False,
+    )
+
+
+def test_guidance_pair_batches_hold_both_halves_of_each_call(collected):
+    data = _guided_data()
+    batches = list(data.batches(6, seed=1, guidance_pairs=True))
+    assert [b[0][0].shape[0] for b in batches] == [6, 6, 6, 6]
+    seen = []
+    for (sample, t), kwargs in batches:
+        u, c = sample.chunk(2)
+        # a pipeline's layout: the unconditional rows, then the same samples conditioned
+        assert torch.equal(u, c) and torch.equal(*t.chunk(2))
+        ctx_u, ctx_c = kwargs["encoder_hidden_states"].chunk(2)
+        assert (ctx_u == 0).all() and (ctx_c != 0).any(dim=(1, 2)).all()
+        seen.append(u)
+    # every call once: the unconditional halves, in a seeded order
+    rows = torch.cat(seen)
+    assert rows.shape[0] == len(data) // 2
+
+    def keys(x):  # each row by a key of its own (a row sum), in sorted order
+        return x.flatten(1).sum(1).sort().values
+
+    assert torch.equal(keys(rows), keys(data.sample[data.unconditional]))
+    ordered = torch.cat(
+        [b[0][0].chunk(2)[0] for b in data.batches(6, guidance_pairs=True, shuffle=False)]
+    )
+    assert torch.equal(ordered, data.sample[data.unconditional])
+    assert not torch.equal(rows, ordered)
+    with pytest.raises(dmq_fx.ConfigError, match="even batch_size >= 2, got 5"):
+        next(data.batches(5, guidance_pairs=True))
+    with pytest.raises(dmq_fx.CalibrationError, match="no classifier-free guidance halves"):
+        next(collected.batches(4, guidance_pairs=True))
+    one_lost = data.subset(torch.arange(len(data)) != int(torch.nonzero(~data.unconditional)[0]))
+    with pytest.raises(dmq_fx.CalibrationError, match="do not pair one to one"):
+        next(one_lost.batches(4, guidance_pairs=True))
+
+
 def test_round_trip_and_wrong_file(tmp_path, collected):
     path = tmp_path / "calib.safetensors"
     collected.save(path)

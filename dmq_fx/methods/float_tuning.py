@@ -13,6 +13,11 @@ The loss is ``mean_i log(err_i)``, ``err_i`` the mean squared error of sample ``
 prediction: the gradient weighs each sample by its own error's inverse, as the per-step SQNR in
 dB does, so the nearly noise-free last sampling steps (the smallest predictions, the lowest
 SQNR) are not drowned by the others. ``loss="mse"`` is the plain mean.
+
+Under classifier-free guidance a sampler does not use either half's prediction but
+``u + g (c - u)``: with ``g`` = 4 an error the two halves do not share is amplified fourfold.
+``guidance_scale=g`` measures the error there, on batches of guidance pairs
+(``CalibrationData.batches(guidance_pairs=True)``).
 """
 
 from __future__ import annotations
@@ -68,6 +73,29 @@ def _sample_errors(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).pow(2).reshape(pred.shape[0], -1).mean(1)
 
 
+def _guided(pred: torch.Tensor, scale: float) -> torch.Tensor:
+    uncond, cond = pred.chunk(2)
+    return uncond + scale * (cond - uncond)
+
+
+def check_guidance_pairs(batches: list, stage: str) -> None:
+    """Every batch a guidance pair batch: an even row count and both halves on the same
+    samples and timesteps (the unconditional half first, as a pipeline calls the UNet)."""
+    for i, (args, kwargs) in enumerate(batches):
+        sample = args[0] if args else kwargs.get("sample")
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        rows = sample.shape[0]
+        same = rows % 2 == 0 and torch.equal(*sample.chunk(2))
+        if same and isinstance(timestep, torch.Tensor) and timestep.dim() > 0:
+            same = torch.equal(*timestep.chunk(2))
+        if not same:
+            raise ConfigError(
+                f"{stage}: guidance_scale > 1 needs batches of guidance pairs (unconditional "
+                f"rows, then the conditional rows of the same samples: "
+                f"CalibrationData.batches(guidance_pairs=True)); batch {i}'s {rows} rows are not"
+            )
+
+
 @dataclasses.dataclass
 class TuneFloatParameters:
     """Stage: tune the float parameters of ``parameters`` kinds (:data:`PARAMETER_KINDS`) so the
@@ -76,15 +104,17 @@ class TuneFloatParameters:
     Runs last, once the quantizers are fixed (it needs observed activation and weight qparams).
     ``iterations`` Adam steps at ``lr``, cosine to 0, each on one calibration batch drawn at
     random (``seed``); ``loss``: ``"log"`` (each sample by its own error, see the module
-    docstring) or ``"mse"``. The tuned parameters are part of the graph's learned state: ``save``,
-    checkpoints and ``convert_fx`` carry them; the float model keeps its own. Interrupted, the
-    graph keeps the parameters it had.
+    docstring) or ``"mse"``; ``guidance_scale`` > 1: the error of the classifier-free guided
+    prediction, on batches of guidance pairs (the module docstring). The tuned parameters are
+    part of the graph's learned state: ``save``, checkpoints and ``convert_fx`` carry them; the
+    float model keeps its own. Interrupted, the graph keeps the parameters it had.
     """
 
     iterations: int = 300
     lr: float = 1e-3
     parameters: tuple[str, ...] = PARAMETER_KINDS
     loss: str = "log"
+    guidance_scale: float = 1.0
     seed: int = 0
 
     name: str = "tune_float_params"
@@ -103,6 +133,11 @@ class TuneFloatParameters:
             raise ConfigError(f"{self.name}: lr must be > 0, got {self.lr}")
         if self.loss not in LOSSES:
             raise ConfigError(f"{self.name}: loss must be one of {LOSSES}, got {self.loss!r}")
+        if not self.guidance_scale >= 1.0:
+            raise ConfigError(
+                f"{self.name}: guidance_scale must be >= 1 (1: no guidance), "
+                f"got {self.guidance_scale}"
+            )
 
     def __call__(self, gm: fx.GraphModule, ctx: CalibrationContext) -> None:
         require_weight_qparams(gm, self.name)
@@ -111,8 +146,10 @@ class TuneFloatParameters:
         if not params or not self.iterations:
             return
         batches = ctx.batches
+        if self.guidance_scale > 1.0:
+            check_guidance_pairs(batches, self.name)
         with torch.no_grad(), quantizer_mode(gm, "float"):
-            targets = [prediction(gm(*args, **kwargs)).detach() for args, kwargs in batches]
+            targets = [self._output(gm(*args, **kwargs)).detach() for args, kwargs in batches]
         saved = {name: p.detach().clone() for name, p in params.items()}
         frozen = [(p, p.requires_grad) for p in gm.parameters()]
         try:
@@ -134,6 +171,10 @@ class TuneFloatParameters:
         if record is not None:
             record.tuned_parameters = sorted({*record.tuned_parameters, *params})
 
+    def _output(self, out) -> torch.Tensor:
+        pred = prediction(out)
+        return _guided(pred, self.guidance_scale) if self.guidance_scale > 1.0 else pred
+
     def _learn(self, gm, params, batches, targets, ctx: CalibrationContext) -> None:
         # a copy of the graph whose quantizers keep the mode they have now (no per-call flag
         # reads); its modules are gm's own, so the parameters learned are gm's
@@ -146,7 +187,7 @@ class TuneFloatParameters:
         for it in bar:
             b = int(torch.randint(len(batches), (1,), generator=generator))
             args, kwargs = batches[b]
-            err = _sample_errors(prediction(run(*args, **kwargs)), targets[b])
+            err = _sample_errors(self._output(run(*args, **kwargs)), targets[b])
             if self.loss == "log":
                 # floored so that an exact sample contributes a finite term
                 loss = torch.log(err + 1e-12 * targets[b].pow(2).mean()).mean()

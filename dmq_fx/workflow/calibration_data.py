@@ -74,9 +74,36 @@ class CalibrationData:
         return CalibrationData(**values)
 
     def batches(
-        self, batch_size: int = 32, *, shuffle: bool = True, seed: int = 0
+        self,
+        batch_size: int = 32,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        guidance_pairs: bool = False,
     ) -> Iterator[tuple[tuple, dict]]:
-        """``(args, kwargs)`` batches for :func:`dmq_fx.calibrate`, mixing all timesteps."""
+        """``(args, kwargs)`` batches for :func:`dmq_fx.calibrate`, mixing all timesteps.
+
+        ``guidance_pairs=True`` keeps the two halves of each classifier-free guidance call
+        together, laid out as a diffusers pipeline calls the UNet: a batch is ``batch_size // 2``
+        unconditional rows, then the conditional rows of the same samples in the same order
+        (what a guidance-aware stage, e.g. ``TuneFloatParameters(guidance_scale=...)``, needs).
+        """
+        if guidance_pairs:
+            if batch_size < 2 or batch_size % 2:
+                raise ConfigError(
+                    f"batches: guidance_pairs needs an even batch_size >= 2, got {batch_size}"
+                )
+            uncond, cond = self.guidance_pairs()
+            order = (
+                torch.randperm(len(uncond), generator=torch.Generator().manual_seed(seed))
+                if shuffle
+                else torch.arange(len(uncond))
+            )
+            half = batch_size // 2
+            for start in range(0, len(order), half):
+                pick = order[start : start + half]
+                yield self._batch(torch.cat([uncond[pick], cond[pick]]))
+            return
         n = len(self)
         order = (
             torch.randperm(n, generator=torch.Generator().manual_seed(seed))
@@ -84,15 +111,41 @@ class CalibrationData:
             else torch.arange(n)
         )
         for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            kwargs: dict[str, Any] = {}
-            if self.encoder_hidden_states is not None:
-                kwargs["encoder_hidden_states"] = self.encoder_hidden_states[idx]
-            if self.class_labels is not None:
-                kwargs["class_labels"] = self.class_labels[idx]
-            for path, value in (self.extra or {}).items():
-                _set_path(kwargs, path.split("/"), value[idx])
-            yield (self.sample[idx], self.timestep[idx]), kwargs
+            yield self._batch(order[start : start + batch_size])
+
+    def _batch(self, idx: torch.Tensor) -> tuple[tuple, dict]:
+        kwargs: dict[str, Any] = {}
+        if self.encoder_hidden_states is not None:
+            kwargs["encoder_hidden_states"] = self.encoder_hidden_states[idx]
+        if self.class_labels is not None:
+            kwargs["class_labels"] = self.class_labels[idx]
+        for path, value in (self.extra or {}).items():
+            _set_path(kwargs, path.split("/"), value[idx])
+        return (self.sample[idx], self.timestep[idx]), kwargs
+
+    def guidance_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row indices ``(unconditional, conditional)`` of each guidance pair (the two halves
+        of one guided UNet call: the same trajectory and step), in row order of the
+        unconditional half. Raises CalibrationError when the data holds no guidance halves or a
+        half has no partner."""
+        if self.unconditional is None or self.trajectory is None:
+            raise CalibrationError(
+                "guidance pairs: this calibration data has no classifier-free guidance halves "
+                "(record it with guidance_scale > 1, or from a pipeline that uses guidance)"
+            )
+        key = self.trajectory * (int(self.step_index.max()) + 1) + self.step_index
+        uncond = torch.nonzero(self.unconditional).flatten()
+        cond_rows = torch.nonzero(~self.unconditional).flatten()
+        by_key = {int(k): int(i) for k, i in zip(key[cond_rows], cond_rows)}
+        missing = [int(i) for i in uncond if int(key[i]) not in by_key]
+        if missing or len(uncond) != len(cond_rows) or len(by_key) != len(cond_rows):
+            raise CalibrationError(
+                f"guidance pairs: {len(uncond)} unconditional and {len(cond_rows)} conditional "
+                f"rows do not pair one to one by trajectory and step (first unpaired row: "
+                f"{missing[0] if missing else 'a repeated conditional row'})"
+            )
+        cond = torch.tensor([by_key[int(key[i])] for i in uncond], dtype=torch.long)
+        return uncond, cond
 
     def save(self, path: str | Path) -> None:
         tensors = {
