@@ -111,6 +111,7 @@ def test_collector_records_both_guidance_halves():
     assert all(any(torch.equal(e, p) for p in prompts) for e in data.encoder_hidden_states[~unc])
     # both halves of one UNet call see the same x_t
     assert torch.equal(data.sample[unc], data.sample[~unc])
+    assert data.guidance_scale == 7.5 and data.subset(unc).guidance_scale == 7.5
     with pytest.raises(dmq_fx.ConfigError, match="needs prompt_embeds"):
         collect_calibration_data(model, ddim(), guidance_scale=7.5, progress=False)
 
@@ -166,6 +167,10 @@ def test_round_trip_and_wrong_file(tmp_path, collected):
     path = tmp_path / "calib.safetensors"
     collected.save(path)
     loaded = CalibrationData.load(path)
+    assert loaded.guidance_scale == collected.guidance_scale == 1.0
+    guided = _guided_data()
+    guided.save(tmp_path / "guided.safetensors")
+    assert CalibrationData.load(tmp_path / "guided.safetensors").guidance_scale == 7.5
     assert torch.equal(loaded.sample, collected.sample)
     assert torch.equal(loaded.timestep, collected.timestep)
     assert loaded.encoder_hidden_states is None

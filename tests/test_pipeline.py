@@ -80,6 +80,36 @@ def test_text_pipeline_calibrates_both_guidance_halves_and_generates(tmp_path):
     assert qi.shape == fp.shape and 0 < np.abs(qi - fp).mean() < 0.1
 
 
+def test_a_guided_calibration_tunes_the_guided_prediction(tmp_path, monkeypatch):
+    """A preset ending in tune_float_params, on data sampled with guidance: that stage gets the
+    sampler's guidance scale and batches of guidance pairs; the stages before it do not."""
+    from dmq_fx.methods.float_tuning import TuneFloatParameters
+    from dmq_fx.methods.presets import Preset
+    from dmq_fx.workflow import pipeline
+
+    seen = []
+
+    def record(self, gm, ctx):
+        (x, t), kwargs = ctx.batches[0]
+        seen.append((self.guidance_scale, torch.equal(*x.chunk(2)), len(ctx.batches)))
+
+    monkeypatch.setattr(TuneFloatParameters, "__call__", record)
+    cheap = Preset("minmax+tuning", ("observe_activations", "observe_weights",
+                                     "tune_float_params"), {}, "")  # fmt: skip
+    monkeypatch.setattr(pipeline, "PRESETS", {**pipeline.PRESETS, cheap.name: cheap})
+    monkeypatch.setattr(pipeline, "PREPARE_FLAGS", {**pipeline.PREPARE_FLAGS, cheap.name: {}})
+    pipe = _tiny_stable_diffusion(tmp_path)
+    config = {"preset": "minmax+tuning", **FAST}
+    calibration = {"prompts": ["a cat", "a dog"], "guidance_scale": 4.0}
+    q = dmq_fx.quantize_pipeline(pipe, config, calibration=calibration, progress=False)
+    # 4 steps x 4 samples x 2 halves in batches of 8 rows: 4 pair batches
+    assert seen == [(4.0, True, 4)] and q.unet is not pipe.unet
+    seen.clear()
+    unguided = {"prompts": ["a cat", "a dog"], "guidance_scale": 1.0}
+    dmq_fx.quantize_pipeline(pipe, config, calibration=unguided, progress=False)
+    assert seen == [(1.0, False, 2)]
+
+
 def test_bad_configs_are_named():
     pipe = DDPMPipeline(unet=build_unet(TINY_DDPM), scheduler=DDIMScheduler())
     with pytest.raises(dmq_fx.ConfigError, match="unknown preset 'dmq2'"):

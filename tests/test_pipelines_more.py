@@ -36,6 +36,7 @@ def test_recorded_inputs_are_the_unets_own(name, tmp_path):
     guided = name != "lcm"
     assert len(data) == 3 * 2 * (2 if guided else 1)
     assert int(data.unconditional.sum()) == (len(data) // 2 if guided else 0)
+    assert data.guidance_scale == (4.0 if guided else 1.0)  # the pipeline's, as it ran
     assert len(data.timesteps) == 3
     expected_extra = {
         "sdxl": {"added_cond_kwargs/text_embeds", "added_cond_kwargs/time_ids"},

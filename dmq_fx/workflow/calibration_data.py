@@ -52,6 +52,8 @@ class CalibrationData:
     #: ``"added_cond_kwargs/text_embeds"``, ``"down_block_additional_residuals/#0"`` (``#i``:
     #: the i-th entry of a sequence, rebuilt as a list)
     extra: dict[str, torch.Tensor] | None = None
+    #: the classifier-free guidance scale the sampler ran with (1.0: no guidance, or unknown)
+    guidance_scale: float = 1.0
 
     def __len__(self) -> int:
         return self.sample.shape[0]
@@ -69,6 +71,8 @@ class CalibrationData:
             value = getattr(self, f.name)
             if isinstance(value, dict):
                 values[f.name] = {k: v[index] for k, v in value.items()}
+            elif f.name == "guidance_scale":
+                values[f.name] = value
             else:
                 values[f.name] = None if value is None else value[index]
         return CalibrationData(**values)
@@ -151,17 +155,19 @@ class CalibrationData:
         tensors = {
             f.name: getattr(self, f.name).contiguous()
             for f in fields(self)
-            if getattr(self, f.name) is not None and f.name != "extra"
+            if isinstance(getattr(self, f.name), torch.Tensor)
         }
         tensors.update({f"extra/{k}": v.contiguous() for k, v in (self.extra or {}).items()})
-        save_file(tensors, str(path), metadata={"format": FORMAT})
+        metadata = {"format": FORMAT, "guidance_scale": repr(float(self.guidance_scale))}
+        save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationData:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            fmt = (f.metadata() or {}).get("format")
+            metadata = f.metadata() or {}
+        fmt = metadata.get("format")
         if fmt != FORMAT:
             raise CalibrationError(
                 f"{path}: not a dmq_fx calibration file (format {fmt!r}, expected {FORMAT!r})"
@@ -169,7 +175,9 @@ class CalibrationData:
         tensors = load_file(str(path))
         extra = {k[len("extra/") :]: v for k, v in tensors.items() if k.startswith("extra/")}
         tensors = {k: v for k, v in tensors.items() if not k.startswith("extra/")}
-        return cls(**tensors, extra=extra or None)
+        # files written before the scale was recorded: 1.0 (their guidance halves still pair)
+        scale = float(metadata.get("guidance_scale", 1.0))
+        return cls(**tensors, extra=extra or None, guidance_scale=scale)
 
 
 def _set_path(out: dict, parts: list[str], value: torch.Tensor) -> None:
@@ -246,8 +254,9 @@ def record_pipeline_inputs(
         for name, value in bound.items():
             _flat_rows(value, rows, name, flat)
         guided = bool(getattr(pipe, "do_classifier_free_guidance", False)) and rows % 2 == 0
+        scale = float(getattr(pipe, "guidance_scale", 1.0)) if guided else 1.0
         records.append({"sample": sample.detach().cpu(), "timestep": timestep, "flat": flat,
-                        "guided": guided})  # fmt: skip
+                        "guided": guided, "scale": scale})  # fmt: skip
         bar.update(1)
 
     handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
@@ -285,6 +294,7 @@ def record_pipeline_inputs(
         unconditional=unconditional,
         trajectory=trajectory,
         extra=extra or None,
+        guidance_scale=max(r["scale"] for r in records),
     )
 
 
@@ -449,7 +459,10 @@ def collect_calibration_data(
     bar.close()
     merged = {key: torch.cat([r[key] for r in records]) for key in records[0]}
     order = torch.argsort(merged["step_index"], stable=True)
-    return CalibrationData(**{key: v[order] for key, v in merged.items()})
+    return CalibrationData(
+        **{key: v[order] for key, v in merged.items()},
+        guidance_scale=float(guidance_scale) if guided else 1.0,
+    )
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from dmq_fx.errors import ConfigError
 from dmq_fx.lowering.compile import compile as compile_graph
 from dmq_fx.lowering.convert import BACKENDS, convert_fx
 from dmq_fx.methods.mixed_precision import mixed_precision_mapping
-from dmq_fx.methods.presets import PREPARE_FLAGS, PRESETS
+from dmq_fx.methods.presets import PREPARE_FLAGS, PRESETS, STAGES
 from dmq_fx.quantize.device import batches_to_device, module_device
 from dmq_fx.quantize.prepare import prepare_fx
 from dmq_fx.quantize.qconfig import (
@@ -337,6 +337,29 @@ def _calibration_data(
     )
 
 
+def _calibrate(
+    prepared: Any,
+    data: CalibrationData,
+    batches: list,
+    cfg: QuantizationConfig,
+    device: torch.device,
+    progress: bool,
+) -> None:
+    """The preset's stages; on data sampled with classifier-free guidance, a last
+    ``tune_float_params`` matches the guided prediction, on batches of guidance pairs
+    (docs/methods/float_tuning.md)."""
+    stages = list(PRESETS[cfg.preset])
+    guided = data.guidance_scale > 1.0 and data.unconditional is not None
+    if not (guided and stages and stages[-1] == "tune_float_params"):
+        calibrate(prepared, batches, stages, progress=progress)
+        return
+    calibrate(prepared, batches, stages[:-1], progress=progress)
+    size = max(2, cfg.batch_size - cfg.batch_size % 2)
+    pairs = batches_to_device(list(data.batches(size, seed=cfg.seed, guidance_pairs=True)), device)
+    tuning = dataclasses.replace(STAGES[stages[-1]], guidance_scale=data.guidance_scale)
+    calibrate(prepared, pairs, [tuning], progress=progress)
+
+
 def quantize_pipeline(
     pipe: Any,
     config: QuantizationConfig | str | Mapping[str, Any] = "dmq",
@@ -403,7 +426,7 @@ def quantize_pipeline(
         **PREPARE_FLAGS[cfg.preset],
         timestep_tables=cfg.timestep_tables,
     )
-    calibrate(prepared, batches, PRESETS[cfg.preset], progress=progress)
+    _calibrate(prepared, data, batches, cfg, device, progress)
     lowered = convert_fx(prepared, cfg.backend)
     quantized = QuantizedUNet(lowered, pipe.unet.config, pipe.unet.dtype, compiled=cfg.compile)
     # a scheduler of its own: set_timesteps on one pipeline must not move the other's
