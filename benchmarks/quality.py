@@ -52,9 +52,10 @@ dmq+eda-untuned is the preset without that stage, as it was before, and so is ev
 dmq+eda-<lever> row (the levers were measured on it). minmax-tuned: minmax, then
 tune_float_params. A row with the tuning starts from the calibration of the same row without
 it when that ran first in the call (its calib_s includes that calibration).
-dmq+eda-guided: dmq+eda whose tuning matches the classifier-free guided prediction on the text
-model (TuneFloatParameters(guidance_scale=4), batches of guidance pairs); on fashion28, which
-samples without guidance, the same as dmq+eda.
+On the text model dmq+eda's tuning matches the classifier-free guided prediction
+(TuneFloatParameters(guidance_scale=4) on batches of guidance pairs, as quantize_pipeline runs
+the preset on guided data); dmq+eda-per-half tunes each guidance half on its own, as the preset
+did before (on fashion28, which samples without guidance, both are the same).
 Every dmq_fx row runs the x86 lowering.
 --quick: 32 samples, 4 calibration samples per step (a few minutes, paired metrics only make
 sense there); the default run is 1000 samples, 32 per step (hours per learned method on 2 CPU
@@ -416,9 +417,9 @@ METHODS: dict[str, Callable | None] = {
     "no-timestep-weighting": _dmq_variant("skip", weighting="uniform"),
     "eda-dm": _dmq_fx("eda-dm", data="tdac"),
     "eda-dm-uniform": _dmq_fx("eda-dm"),
-    "dmq+eda": _dmq_fx("dmq+eda", data="tdac-min"),
+    "dmq+eda": _dmq_fx("dmq+eda", data="tdac-min", guided_tuning=True),
+    "dmq+eda-per-half": _dmq_fx("dmq+eda", data="tdac-min"),
     "dmq+eda-untuned": _dmq_fx("dmq+eda", untuned=True, data="tdac-min"),
-    "dmq+eda-guided": _dmq_fx("dmq+eda", data="tdac-min", guided_tuning=True),
     "dmq+eda-fbr300-relative": _dmq_fx(
         "dmq+eda",
         untuned=True,
