@@ -161,6 +161,13 @@ def test_guidance_pair_batches_hold_both_halves_of_each_call(collected):
     one_lost = data.subset(torch.arange(len(data)) != int(torch.nonzero(~data.unconditional)[0]))
     with pytest.raises(dmq_fx.CalibrationError, match="do not pair one to one"):
         next(one_lost.batches(4, guidance_pairs=True))
+    # a conditional row whose unconditional half is missing is named too
+    lone = int(torch.nonzero(data.unconditional)[0])
+    partner = int(data.guidance_pairs()[1][0])
+    other_lost = data.subset(torch.arange(len(data)) != lone)
+    row = partner - (partner > lone)  # its index once the row before it is gone
+    with pytest.raises(dmq_fx.CalibrationError, match=rf"first unpaired row: {row}\)"):
+        next(other_lost.batches(4, guidance_pairs=True))
 
 
 def test_round_trip_and_wrong_file(tmp_path, collected):

@@ -84,8 +84,8 @@ def check_guidance_pairs(batches: list, stage: str) -> None:
     for i, (args, kwargs) in enumerate(batches):
         sample = args[0] if args else kwargs.get("sample")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        rows = sample.shape[0]
-        same = rows % 2 == 0 and torch.equal(*sample.chunk(2))
+        rows = sample.shape[0] if isinstance(sample, torch.Tensor) else 0
+        same = rows > 0 and rows % 2 == 0 and torch.equal(*sample.chunk(2))
         if same and isinstance(timestep, torch.Tensor) and timestep.dim() > 0:
             same = torch.equal(*timestep.chunk(2))
         if not same:

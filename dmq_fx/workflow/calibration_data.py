@@ -140,15 +140,17 @@ class CalibrationData:
         key = self.trajectory * (int(self.step_index.max()) + 1) + self.step_index
         uncond = torch.nonzero(self.unconditional).flatten()
         cond_rows = torch.nonzero(~self.unconditional).flatten()
-        by_key = {int(k): int(i) for k, i in zip(key[cond_rows], cond_rows)}
-        missing = [int(i) for i in uncond if int(key[i]) not in by_key]
-        if missing or len(uncond) != len(cond_rows) or len(by_key) != len(cond_rows):
+        by_key = {int(key[i]): int(i) for i in cond_rows}
+        partners = [by_key.get(int(key[i])) for i in uncond]
+        unpaired = [int(i) for i, c in zip(uncond, partners) if c is None]
+        unpaired += sorted(set(cond_rows.tolist()) - set(partners))
+        if unpaired:
             raise CalibrationError(
                 f"guidance pairs: {len(uncond)} unconditional and {len(cond_rows)} conditional "
                 f"rows do not pair one to one by trajectory and step (first unpaired row: "
-                f"{missing[0] if missing else 'a repeated conditional row'})"
+                f"{unpaired[0]})"
             )
-        cond = torch.tensor([by_key[int(key[i])] for i in uncond], dtype=torch.long)
+        cond = torch.tensor(partners, dtype=torch.long)
         return uncond, cond
 
     def save(self, path: str | Path) -> None:

@@ -20,6 +20,7 @@ from torch import fx
 from dmq_fx.errors import ConfigError
 from dmq_fx.lowering.compile import compile as compile_graph
 from dmq_fx.lowering.convert import BACKENDS, convert_fx
+from dmq_fx.methods.float_tuning import TuneFloatParameters
 from dmq_fx.methods.mixed_precision import mixed_precision_mapping
 from dmq_fx.methods.presets import PREPARE_FLAGS, PRESETS, STAGES
 from dmq_fx.quantize.device import batches_to_device, module_device
@@ -350,7 +351,7 @@ def _calibrate(
     (docs/methods/float_tuning.md)."""
     stages = list(PRESETS[cfg.preset])
     guided = data.guidance_scale > 1.0 and data.unconditional is not None
-    if not (guided and stages and stages[-1] == "tune_float_params"):
+    if not (guided and stages and isinstance(STAGES[stages[-1]], TuneFloatParameters)):
         calibrate(prepared, batches, stages, progress=progress)
         return
     calibrate(prepared, batches, stages[:-1], progress=progress)
