@@ -17,6 +17,7 @@ from dmq_fx.graph.meta import (
     graph_state,
     quantized_layer_nodes,
 )
+from dmq_fx.lowering.attention import lower_small_head_attention
 from dmq_fx.lowering.quantized_modules import (
     INT16_MAX,
     QuantizedLayer,
@@ -487,6 +488,7 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
     for owner in les_owners:
         gm.delete_submodule(les_scale_name(owner))
     _redirect_weight_metadata_reads(gm, {str(n.target) for n in quantized_layer_nodes(gm)})
+    lower_small_head_attention(gm)
     gm.graph.lint()
     gm.recompile()
     record = graph_state(gm)

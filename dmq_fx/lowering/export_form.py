@@ -17,7 +17,9 @@ the pattern engines (onnxruntime, OpenVINO, TensorRT) recognise as a quantized l
 ``quantize_per_channel`` with constant steps read by a per-tensor dequantize (LES merged into
 the step, PTS shifts). The integers are those of the converted graph up to float rounding: a
 per-channel step becomes a multiply by ``s / step_c`` before a per-tensor quantize, which can
-move a value lying within float rounding of a .5 tie by one integer. With
+move a value lying within float rounding of a .5 tie by one integer. Attention that
+``convert_fx`` chunked (``chunked_attention``) is written back as
+``scaled_dot_product_attention``. With
 ``centered_weights=True`` the weights are ``W_int - z`` in int8 with zero point 0.
 """
 
@@ -31,6 +33,7 @@ from torch import fx
 
 from dmq_fx.errors import ConvertError
 from dmq_fx.graph.meta import graph_state
+from dmq_fx.lowering.attention import chunked_attention
 from dmq_fx.lowering.convert import add_constant
 from dmq_fx.lowering.quantized_modules import (
     QuantizedLayer,
@@ -63,6 +66,8 @@ def export_form(quantized: fx.GraphModule, centered_weights: bool = False) -> fx
     for node in list(gm.graph.nodes):
         if node.op == "call_function" and node.target is _qd.quantize_per_channel.default:
             _per_tensor_quantize(gm, node)
+        elif node.op == "call_function" and node.target is chunked_attention:
+            node.target = F.scaled_dot_product_attention  # the same attention, which ONNX has
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
     gm.graph.lint()
