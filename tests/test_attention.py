@@ -18,9 +18,11 @@ from dmq_fx.metrics import sqnr_db
     "q_shape, keys, value_dim, scale",
     [
         ((2, 4, 64, 8), 64, 8, None),  # one chunk
-        ((3, 5, 300, 8), 300, 8, None),  # 15 heads, 2 per chunk: a short last chunk
+        ((3, 5, 200, 8), 200, 8, None),  # 15 heads, 6 per chunk: a short last chunk
         ((2, 3, 40, 16), 77, 16, 0.3),  # cross-attention, explicit scale
-        ((4, 600, 8), 600, 4, None),  # 3-d (heads folded into the batch), narrower values
+        ((40, 100, 8), 150, 4, None),  # 3-d (heads folded into the batch), narrower values
+        ((2, 2, 300, 8), 300, 8, None),  # beyond the chunks' bound: the flash kernel
+        ((2, 2, 16, 32), 16, 32, None),  # too wide a head: the flash kernel
     ],
 )
 def test_chunked_attention_is_scaled_dot_product_attention(q_shape, keys, value_dim, scale):
@@ -32,11 +34,23 @@ def test_chunked_attention_is_scaled_dot_product_attention(q_shape, keys, value_
     out = chunked_attention(q, k, v, scale=scale)
     assert out.shape == expected.shape
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    # the chunked path itself, at every shape (the op picks it only inside the bound)
+    chunked = attention.chunked_products(q, k, v, scale or q_shape[-1] ** -0.5)
+    torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_chunked_attention_op_schema_and_fake_kernel():
-    q, k, v = (torch.randn(2, 3, 300, 8) for _ in range(3))
-    # the fake kernel's strides must match the real one's, or compiled graphs assert on them
+def test_chunks_run_only_where_they_were_faster():
+    assert attention.runs_chunked(256, 256, 8) and attention.runs_chunked(49, 49, 16)
+    assert not attention.runs_chunked(256, 256, 16)  # measured slower
+    assert not attention.runs_chunked(1024, 1024, 8)
+    assert not attention.runs_chunked(16, 16, 32)
+
+
+@pytest.mark.parametrize("length", [200, 300], ids=["chunks", "flash"])
+def test_chunked_attention_op_schema_and_fake_kernel(length):
+    q, k, v = (torch.randn(2, 3, length, 8) for _ in range(3))
+    # the fake kernel's strides must match the real one's on both paths, or compiled graphs
+    # assert on them
     torch.library.opcheck(attention._chunked_attention, (q, k, v, 0.5))
 
 

@@ -6,8 +6,10 @@ DDPM-CIFAR10 UNet has 32 heads of 8 channels, where the CPU flash-attention kern
 reduction per score). Written as two batched products and a softmax over a few heads at a
 time, the scores of a chunk stay in cache and both products are ordinary gemms (the second as
 ``V^T P^T``, whose long side is the sequence, not the 8-wide head); ``benchmarks/attention.py``
-measures both ways per head width. Same arithmetic up to float rounding (scores in float32,
-softmax over the key axis), no mask, no dropout.
+measures both ways per shape. Same arithmetic up to float rounding (scores in float32,
+softmax over the key axis), no mask, no dropout. The chunks pay for narrow heads and short
+sequences only; at a call whose shape is outside :func:`runs_chunked`'s bound the op runs the
+library kernel.
 
 :func:`lower_small_head_attention` is the rewrite ``convert_fx`` applies; the attention itself
 is the custom op ``dmq_fx::chunked_attention`` (with a fake kernel), so ``torch.compile`` keeps
@@ -23,13 +25,20 @@ from torch import fx
 
 __all__ = [
     "MAX_CHUNKED_HEAD_DIM",
+    "MAX_CHUNKED_WORK",
     "chunked_attention",
+    "chunked_products",
     "lower_small_head_attention",
+    "runs_chunked",
 ]
 
-#: widest head the rewrite takes: at 8 channels the chunked form is 1.4x faster than the flash
-#: kernel on 2 cores, at 32 it is slower (``benchmarks/attention.py``)
+#: widest head the rewrite takes (``benchmarks/attention.py``, 2 cores AVX-512: heads of 16
+#: channels gain at 49 x 49 scores and lose at 256 x 256)
 MAX_CHUNKED_HEAD_DIM = 16
+
+#: most work per head (head channels x queries x keys) the chunks run: 8 x 256 x 256, where they
+#: were 1.4x faster than the flash kernel; beyond it (8 x 1024 x 1024, 16 x 256 x 256) they lost
+MAX_CHUNKED_WORK = 8 * 256 * 256
 
 #: scores per chunk: 256K floats (1 MiB), about one core's L2
 _CHUNK_SCORES = 1 << 18
@@ -37,10 +46,18 @@ _CHUNK_SCORES = 1 << 18
 _SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
-@torch.library.custom_op("dmq_fx::chunked_attention", mutates_args=())
-def _chunked_attention(
+def runs_chunked(length: int, keys: int, head: int) -> bool:
+    """Whether the op computes in chunks at this shape (else it calls the flash kernel): the
+    shape is the call's, so a graph traced at one resolution and run at another still picks
+    the faster way."""
+    return head <= MAX_CHUNKED_HEAD_DIM and head * length * keys <= MAX_CHUNKED_WORK
+
+
+def chunked_products(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
 ) -> torch.Tensor:
+    """Attention as batched products over chunks of heads, whatever the shape (the op's
+    chunked path; ``benchmarks/attention.py`` times it against the flash kernel)."""
     *batch, length, head = query.shape
     keys, value_head = key.shape[-2], value.shape[-1]
     q = (query * scale).reshape(-1, length, head)
@@ -54,6 +71,15 @@ def _chunked_attention(
     return _output_view(out_t, batch)
 
 
+@torch.library.custom_op("dmq_fx::chunked_attention", mutates_args=())
+def _chunked_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
+) -> torch.Tensor:
+    if runs_chunked(query.shape[-2], key.shape[-2], query.shape[-1]):
+        return chunked_products(query, key, value, scale)
+    return F.scaled_dot_product_attention(query, key, value, scale=scale).contiguous()
+
+
 def _output_view(out_t: torch.Tensor, batch: list) -> torch.Tensor:
     """``(n, Dv, L)`` storage seen as ``(*batch, L, Dv)``: no copy (the graph's next op, the
     heads' transpose and reshape, copies anyway)."""
@@ -62,8 +88,10 @@ def _output_view(out_t: torch.Tensor, batch: list) -> torch.Tensor:
 
 @_chunked_attention.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    *batch, length, _ = query.shape
-    n = query.numel() // (query.shape[-1] * length)
+    *batch, length, head = query.shape
+    if not runs_chunked(length, key.shape[-2], head):
+        return query.new_empty(*batch, length, value.shape[-1])
+    n = query.numel() // (head * length)
     return _output_view(query.new_empty(n, value.shape[-1], length), batch)
 
 
@@ -71,8 +99,9 @@ def chunked_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
     """``scaled_dot_product_attention(query, key, value, scale=scale)`` without mask or dropout,
-    as chunked batched products (see the module docstring). ``scale`` defaults to
-    ``1 / sqrt(head_dim)``, as there."""
+    as chunked batched products where :func:`runs_chunked` says they are faster, else by the
+    library kernel (see the module docstring). ``scale`` defaults to ``1 / sqrt(head_dim)``, as
+    there."""
     if scale is None:
         scale = query.shape[-1] ** -0.5
     return _chunked_attention(query, key, value, float(scale))
