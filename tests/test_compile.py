@@ -70,6 +70,19 @@ def test_compile_refuses_a_graph_that_is_not_converted():
         dmq_fx.compile(prepared)
 
 
+def test_compile_uses_the_cpp_wrapper_unless_told_otherwise(monkeypatch):
+    from dmq_fx.lowering import compile as compile_module
+
+    seen = []
+    monkeypatch.setattr(
+        compile_module.torch, "compile", lambda model, **kw: seen.append(kw["options"]) or model
+    )
+    _, quantized = _converted(TINY_DDPM)
+    dmq_fx.compile(quantized)
+    dmq_fx.compile(quantized, options={"cpp_wrapper": False, "max_autotune": True})
+    assert seen == [{"cpp_wrapper": True}, {"cpp_wrapper": False, "max_autotune": True}]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["x86", "reference"])
 def test_conditional_unet_compiles_in_both_forms(backend):

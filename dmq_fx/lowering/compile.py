@@ -32,7 +32,13 @@ from dmq_fx.graph.meta import graph_state
 from dmq_fx.lowering.quantized_modules import QuantizedLayer
 from dmq_fx.observers import nearest_grid_index
 
-__all__ = ["CompiledQuantizedGraph", "compile"]
+__all__ = ["CompiledQuantizedGraph", "DEFAULT_INDUCTOR_OPTIONS", "compile"]
+
+#: inductor settings ``dmq_fx.compile`` adds: the compiled graph's host code in C++ instead of
+#: Python. A lowered UNet launches a few hundred kernels per call, and the Python wrapper's
+#: per-kernel cost weighs at small batches and on small models (``python
+#: benchmarks/compile_options.py``); it costs a longer first compile (a C++ build).
+DEFAULT_INDUCTOR_OPTIONS: dict[str, Any] = {"cpp_wrapper": True}
 
 
 class CompiledQuantizedGraph(torch.nn.Module):
@@ -122,7 +128,9 @@ def compile(  # noqa: A001  (dmq_fx.compile, as torch.compile)
     compiles for the first batch size and recompiles once with a dynamic batch dimension when
     another one arrives (torch.compile's default); True compiles dynamic at once (batch 1 still
     gets its own graph: torch.compile specialises sizes 0 and 1); False compiles once per batch
-    size. ``mode`` and ``options`` (inductor settings) go to ``torch.compile``.
+    size. ``mode`` and ``options`` (inductor settings) go to ``torch.compile``; ``options``
+    defaults to :data:`DEFAULT_INDUCTOR_OPTIONS` (the C++ wrapper), and a key given there
+    replaces the default (``options={"cpp_wrapper": False}`` keeps inductor's Python wrapper).
     Compilation happens at the first call of each shape (a minute or more for a UNet on a small
     CPU); pass the timestep as a tensor, or every new Python number
     is a new constant to compile for.
@@ -141,6 +149,6 @@ def compile(  # noqa: A001  (dmq_fx.compile, as torch.compile)
         fullgraph=True,
         dynamic=dynamic,
         mode=mode,
-        options=options,
+        options={**DEFAULT_INDUCTOR_OPTIONS, **(options or {})},
     )
     return CompiledQuantizedGraph(quantized, compiled)
