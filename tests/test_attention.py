@@ -44,6 +44,7 @@ def test_chunks_run_only_where_they_were_faster():
     assert not attention.runs_chunked(256, 256, 16)  # measured slower
     assert not attention.runs_chunked(1024, 1024, 8)
     assert not attention.runs_chunked(16, 16, 32)
+    assert not attention.runs_chunked(256, 256, 8, device="cuda")  # GPUs keep their kernels
 
 
 @pytest.mark.parametrize("length", [200, 300], ids=["chunks", "flash"])
@@ -100,7 +101,9 @@ def test_convert_chunks_the_small_head_attention_and_export_writes_it_back(confi
     sdpa = [n for n in prepared.graph.nodes if n.target in attention._SDPA_TARGETS]
     assert sdpa  # both tiny configs have heads of 8 or 16 channels
     dmq_fx.calibrate(prepared, [(args, kwargs)], progress=False)
-    quantized = dmq_fx.convert_fx(prepared, backend="reference")
+    quantized = dmq_fx.convert_fx(prepared, backend="x86")
+    reference = dmq_fx.convert_fx(prepared, backend="reference")
+    assert not any(t is chunked_attention for t in _targets(reference))  # the specification
     assert _targets(quantized).count(chunked_attention) == len(sdpa)
     assert not any(t in attention._SDPA_TARGETS for t in _targets(quantized))
     exported = export_form(quantized)

@@ -1,11 +1,13 @@
 import pytest
 import torch
+from conftest import LOWERED_MIN_SQNR_DB
 from dmq_fx.observers import TimestepTableFakeQuantize, nearest_grid_index
 from torch.ao.quantization.fake_quantize import FakeQuantize
 from torch.ao.quantization.observer import MinMaxObserver
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import TINY_DDPM, build_unet, example_inputs
+from dmq_fx.metrics import sqnr_db
 from dmq_fx.quantize.modes import input_quantizers
 
 GRID = [100, 500, 900]
@@ -79,9 +81,12 @@ def test_lowered_tables_select_the_right_entry_for_each_timestep(pts):
             for t in (100, 301, 500, 900):
                 sim = prepared(x, torch.tensor(t)).sample
                 error = (sim - model(x, torch.tensor(t)).sample).abs().mean()
-                diff = (lowered(x, torch.tensor(t)).sample - sim).abs()
-                # same integers but for rare float ties in the quantize step
-                assert diff.mean() <= 0.05 * error, (backend, t)
+                out = lowered(x, torch.tensor(t)).sample
+                if backend == "reference":
+                    # same integers but for rare float ties in the quantize step
+                    assert (out - sim).abs().mean() <= 0.05 * error, (backend, t)
+                else:  # x86 also chunks the small-head attention: float rounding differs there
+                    assert sqnr_db(sim, out) >= LOWERED_MIN_SQNR_DB, (backend, t)
             with pytest.raises(dmq_fx.TimestepOutOfGridError, match="outside"):
                 lowered(x, torch.tensor(950))
             with pytest.raises(dmq_fx.TimestepOutOfGridError, match="one timestep per batch"):

@@ -11,7 +11,8 @@ softmax over the key axis), no mask, no dropout. The chunks pay for narrow heads
 sequences only; at a call whose shape is outside :func:`runs_chunked`'s bound the op runs the
 library kernel.
 
-:func:`lower_small_head_attention` is the rewrite ``convert_fx`` applies; the attention itself
+:func:`lower_small_head_attention` is the rewrite ``convert_fx`` applies to x86 / onednn
+graphs (the reference form stays the simulation's arithmetic); the attention itself
 is the custom op ``dmq_fx::chunked_attention`` (with a fake kernel), so ``torch.compile`` keeps
 it as one opaque call instead of unrolling the chunk loop, and a dynamic batch needs no
 recompile. :func:`dmq_fx.export_onnx` writes it back as ``scaled_dot_product_attention``.
@@ -46,11 +47,16 @@ _CHUNK_SCORES = 1 << 18
 _SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 
 
-def runs_chunked(length: int, keys: int, head: int) -> bool:
-    """Whether the op computes in chunks at this shape (else it calls the flash kernel): the
+def runs_chunked(length: int, keys: int, head: int, device: str = "cpu") -> bool:
+    """Whether the op computes in chunks at this shape (else it calls the library kernel): the
     shape is the call's, so a graph traced at one resolution and run at another still picks
-    the faster way."""
-    return head <= MAX_CHUNKED_HEAD_DIM and head * length * keys <= MAX_CHUNKED_WORK
+    the faster way. On the CPU only (where the bound was measured; a reference-form graph on a
+    GPU keeps the GPU's attention kernels)."""
+    return (
+        device == "cpu"
+        and head <= MAX_CHUNKED_HEAD_DIM
+        and head * length * keys <= MAX_CHUNKED_WORK
+    )
 
 
 def chunked_products(
@@ -75,7 +81,7 @@ def chunked_products(
 def _chunked_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    if runs_chunked(query.shape[-2], key.shape[-2], query.shape[-1]):
+    if runs_chunked(query.shape[-2], key.shape[-2], query.shape[-1], query.device.type):
         return chunked_products(query, key, value, scale)
     return F.scaled_dot_product_attention(query, key, value, scale=scale).contiguous()
 
@@ -89,7 +95,7 @@ def _output_view(out_t: torch.Tensor, batch: list) -> torch.Tensor:
 @_chunked_attention.register_fake
 def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
     *batch, length, head = query.shape
-    if not runs_chunked(length, key.shape[-2], head):
+    if not runs_chunked(length, key.shape[-2], head, query.device.type):
         return query.new_empty(*batch, length, value.shape[-1])
     n = query.numel() // (head * length)
     return _output_view(query.new_empty(n, value.shape[-1], length), batch)

@@ -488,7 +488,8 @@ def convert_fx(prepared: fx.GraphModule, backend: str = "x86") -> fx.GraphModule
     for owner in les_owners:
         gm.delete_submodule(les_scale_name(owner))
     _redirect_weight_metadata_reads(gm, {str(n.target) for n in quantized_layer_nodes(gm)})
-    lower_small_head_attention(gm)
+    if backend != "reference":  # the reference form stays the simulation's arithmetic
+        lower_small_head_attention(gm)
     gm.graph.lint()
     gm.recompile()
     record = graph_state(gm)
