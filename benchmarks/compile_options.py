@@ -21,23 +21,12 @@ import statistics
 import time
 
 import torch
-from speed import DMQ_STRUCTURE_STAGES, dmq_fx_graph
+from dmq_fx_bench.reference_models import load_fashion28
+from speed import dmq_fx_graph
 
 import dmq_fx
 from dmq_fx.graph.unet_configs import DDPM_CIFAR10, build_unet, example_inputs
 from dmq_fx.lowering.quantized_modules import cpu_features
-
-
-def fashion28_graph():
-    from dmq_fx_bench.reference_models import load_fashion28
-
-    unet, _ = load_fashion28()
-    calib = [example_inputs(unet, batch=8, seed=s) for s in range(4)]
-    prepared = dmq_fx.prepare_fx(
-        unet, dmq_fx.get_default_qconfig_mapping(4, 8), *calib[0], les=True, pts="skip"
-    )
-    dmq_fx.calibrate(prepared, calib, DMQ_STRUCTURE_STAGES, progress=False)
-    return unet, dmq_fx.convert_fx(prepared, "x86")
 
 
 def main() -> None:
@@ -52,7 +41,9 @@ def main() -> None:
     ddpm = build_unet(DDPM_CIFAR10)
     calib = [example_inputs(ddpm, batch=4, seed=s) for s in range(2)]
     models = {"ddpm-cifar10": (ddpm, dmq_fx_graph(ddpm, "w4a8", calib, dmq=True)[0])}
-    models["fashion28"] = fashion28_graph()
+    unet, _ = load_fashion28()
+    calib = [example_inputs(unet, batch=8, seed=s) for s in range(4)]
+    models["fashion28"] = (unet, dmq_fx_graph(unet, "w4a8", calib, dmq=True)[0])
     rows = []
     for name, (model, quantized) in models.items():
         for batch in args.batches:

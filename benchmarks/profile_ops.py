@@ -7,7 +7,8 @@ DDPM-CIFAR10 UNet (random weights), 2 threads. Groups the self-CPU time of the o
 dmq_fx's chunked attention with its products and softmax), inductor's fused kernels (with
 ``--compile``) and everything else. ``--dmq``: the DMQ-structured graph (LES steps, PTS on the
 skip layers, as ``speed.py``'s "les+pts" rows); ``--compile``: that graph through
-``dmq_fx.compile`` (compiled before profiling; inductor's kernels named in the profile). The
+``dmq_fx.compile`` (compiled before profiling; inductor's kernels named in the profile, the five
+slowest printed with the ops they fuse in their names). The
 last line printed is a JSON object {"bits", "batch", "dmq", "compile", "fp32": {group: ms},
 "quant": {group: ms}}.
 """
@@ -31,6 +32,9 @@ GROUPS = {
         "onednn::qconv_pointwise",
         "aten::convolution",
         "mkldnn::_convolution_pointwise",
+        # the same kernels called from inductor's C++ wrapper (dmq_fx.compile's default)
+        "aoti_torch_cpu__qconv_pointwise_tensor",
+        "aoti_torch_cpu_mkldnn__convolution_pointwise",
     ),
     "linear": (
         "aten::addmm",
@@ -38,6 +42,8 @@ GROUPS = {
         "onednn::qlinear_pointwise",
         "aten::linear",
         "mkl::_mkl_linear",
+        "aoti_torch_cpu__qlinear_pointwise_tensor",
+        "aoti_torch_cpu__mkl_linear",
     ),
     "attention": (
         "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -56,11 +62,17 @@ def grouped_ms(fn, repeats: int = 1) -> dict[str, float]:
             for _ in range(repeats):
                 fn()
     out = {g: 0.0 for g in [*GROUPS, "fused kernels", "other"]}
+    fused = []
     for evt in prof.key_averages():
         group = next((g for g, names in GROUPS.items() if evt.key in names), None)
         if group is None:  # inductor's kernels are named graph_<n>_cpp_fused_...
             group = "fused kernels" if "cpp_fused" in evt.key else "other"
-        out[group] += evt.self_cpu_time_total / 1e3 / repeats
+        ms = evt.self_cpu_time_total / 1e3 / repeats
+        out[group] += ms
+        if group == "fused kernels":
+            fused.append((ms, evt.key))
+    for ms, name in sorted(fused, reverse=True)[:5]:  # the slowest of inductor's kernels
+        print(f"  fused kernel {ms:7.2f} ms  {name}")
     out["total"] = sum(out.values())
     return {k: round(v, 1) for k, v in out.items()}
 

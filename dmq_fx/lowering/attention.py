@@ -113,18 +113,25 @@ def chunked_attention(
     return _chunked_attention(query, key, value, float(scale))
 
 
+_SDPA_ARGUMENTS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+
+
+def _arguments(node: fx.Node) -> dict:
+    """An attention node's arguments by name, positional or keyword."""
+    return dict(zip(_SDPA_ARGUMENTS, node.args)) | dict(node.kwargs)
+
+
 def _takes(node: fx.Node) -> bool:
     """A float32 attention without mask, dropout, causality or grouped heads, on heads of at
     most :data:`MAX_CHUNKED_HEAD_DIM` channels (read from the traced shapes)."""
     if node.op != "call_function" or node.target not in _SDPA_TARGETS:
         return False
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-    bound = dict(zip(names, node.args)) | dict(node.kwargs)
+    bound = _arguments(node)
     if bound.get("attn_mask") is not None or bound.get("dropout_p", 0.0) != 0.0:
         return False
     if bound.get("is_causal", False) or bound.get("enable_gqa", False):
         return False
-    metas = [getattr(bound.get(n), "meta", {}).get("tensor_meta") for n in names[:3]]
+    metas = [getattr(bound.get(n), "meta", {}).get("tensor_meta") for n in _SDPA_ARGUMENTS[:3]]
     if any(m is None or m.dtype != torch.float32 or len(m.shape) < 3 for m in metas):
         return False
     q, k, v = (m.shape for m in metas)
@@ -141,12 +148,11 @@ def lower_small_head_attention(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if not _takes(node):
             continue
-        names = ("query", "key", "value")
-        bound = dict(zip(names, node.args)) | dict(node.kwargs)
+        bound = _arguments(node)
         with gm.graph.inserting_after(node):
             new = gm.graph.call_function(
                 chunked_attention,
-                tuple(bound[n] for n in names),
+                tuple(bound[n] for n in _SDPA_ARGUMENTS[:3]),
                 {"scale": bound.get("scale")},
             )
         new.meta = dict(node.meta)
